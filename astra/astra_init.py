@@ -1,0 +1,1 @@
+"""Astra initialisation (issue 3)."""

@@ -1,0 +1,1 @@
+"""Evaluation: metrics (scikit-learn/scipy) and task-specific evaluators."""

@@ -1,0 +1,1 @@
+"""NLG task families (issue 5)."""
