@@ -171,6 +171,15 @@ def run_experiment(cfg: DictConfig) -> RunResult | None:
     return result
 
 
+def compose_config(overrides: list[str] | None = None) -> DictConfig:
+    """The run config Hydra would build for `astra-run <overrides>` (for tests and notebooks)."""
+    from hydra import compose, initialize_config_dir
+
+    load_registry()
+    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides or []))
+
+
 @hydra.main(config_path=str(REPO_ROOT / "conf"), config_name="config", version_base="1.3")
 def hydra_main(cfg: DictConfig) -> None:
     run_experiment(cfg)
