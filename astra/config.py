@@ -87,6 +87,7 @@ class CalibConfig:
     format: str = "train_prompt"  # train_prompt | code_release | text
     path: str | None = None  # a user's own JSONL/text calibration file
     padding: str = "longest"  # longest | max_length (release pads to max_length with EOS)
+    drop_last_token: bool = False  # release: input_ids[:-1] (its loader shifts labels itself)
 
 
 @dataclass
