@@ -28,7 +28,9 @@ def lora_config(method: InitMethod, ctx: BuildContext) -> LoraConfig:
     m, model = ctx.cfg.method, ctx.cfg.model
     targets = list(m.target_modules or model.target_modules)
     if not targets:
-        raise ValueError(f"model {model.name!r} declares no target_modules and method.target_modules is unset")
+        raise ValueError(
+            f"model {model.name!r} declares no target_modules and method.target_modules is unset"
+        )
     return LoraConfig(
         r=m.rank,
         lora_alpha=m.alpha,
@@ -39,6 +41,16 @@ def lora_config(method: InitMethod, ctx: BuildContext) -> LoraConfig:
         task_type=ctx.task_type,
         **method.peft_kwargs(m),
     )
+
+
+def check_targets(model: nn.Module, targets: list[str]) -> None:
+    """Fail with the names that exist when no linear layer matches the target suffixes."""
+    linears = {name for name, mod in model.named_modules() if isinstance(mod, nn.Linear)}
+    if not any(name == t or name.endswith(f".{t}") for name in linears for t in targets):
+        suffixes = sorted({name.rsplit(".", 1)[-1] for name in linears})
+        raise ValueError(
+            f"target_modules {targets} match no linear layer; linear layer names end in: {suffixes}"
+        )
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoraLayer]:
@@ -66,11 +78,15 @@ def apply_init(layer: LoraLayer, init: LoraInit, adapter: str = "default") -> No
         param.copy_(value.to(param.dtype))
 
 
-def build_lora_model(model: nn.Module, method: InitMethod, ctx: BuildContext) -> tuple[nn.Module, BuildReport]:
+def build_lora_model(
+    model: nn.Module, method: InitMethod, ctx: BuildContext
+) -> tuple[nn.Module, BuildReport]:
     """Default `InitMethod.build`: PEFT LoRA wrap, then the method's per-layer init if it has one."""
     report = BuildReport()
+    config = lora_config(method, ctx)
+    check_targets(model, sorted(config.target_modules))
     with Timer() as timer:
-        peft_model = get_peft_model(model, lora_config(method, ctx))
+        peft_model = get_peft_model(model, config)
         if type(method).init is not InitMethod.init:
             init_layers(peft_model, method, ctx, report)
     report.init_seconds = timer.seconds

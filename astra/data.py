@@ -134,7 +134,9 @@ class GlueTask(Task):
         hub_split_name = cfg.hub_dev_split if split == "dev" else split
         rows = hub_split(cfg.hub_id, cfg.glue_name, hub_split_name, path)
         self.dataset_used = self.dataset_used or f"hub:{cfg.hub_id}/{cfg.glue_name}"
-        return [self._normalise(row, cfg.hub_text_fields or cfg.text_fields, cfg.hub_label_field) for row in rows]
+        return [
+            self._normalise(row, cfg.hub_text_fields or cfg.text_fields, cfg.hub_label_field) for row in rows
+        ]
 
     def _normalise(self, row: Example, text_fields: list[str], label_field: str) -> Example:
         """Texts under the TSV's `text_fields` names and a numeric `label` (class id, or float)."""
@@ -167,7 +169,9 @@ class GlueTask(Task):
     def predict(self, model: torch.nn.Module, examples: list[Example], batch_size: int) -> np.ndarray:
         model.eval()
         device = next(model.parameters()).device
-        loader = DataLoader([self.encode(e) for e in examples], batch_size=batch_size, collate_fn=self.collator())
+        loader = DataLoader(
+            [self.encode(e) for e in examples], batch_size=batch_size, collate_fn=self.collator()
+        )
         outputs = []
         for batch in loader:
             batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}

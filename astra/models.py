@@ -116,7 +116,9 @@ def random_config(cfg: Any, vocab_size: int, pad_token_id: int | None) -> Any:
     if cfg.architecture == "bert":
         return BertConfig(max_position_embeddings=512, **common)
     if cfg.architecture == "llama":
-        return LlamaConfig(num_key_value_heads=cfg.num_kv_heads or cfg.num_heads, max_position_embeddings=2048, **common)
+        return LlamaConfig(
+            num_key_value_heads=cfg.num_kv_heads or cfg.num_heads, max_position_embeddings=2048, **common
+        )
     raise ValueError(f"model.architecture={cfg.architecture!r} for a random model; valid: bert, llama")
 
 

@@ -108,7 +108,11 @@ def _drop(tree: dict[str, Any], dotted: str) -> None:
 
 def signature(cfg: DictConfig | dict[str, Any], length: int = 12) -> str:
     """Short content hash of the resolved config minus the fields that do not change the result."""
-    tree = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else json.loads(json.dumps(cfg))
+    tree = (
+        OmegaConf.to_container(cfg, resolve=True)
+        if isinstance(cfg, DictConfig)
+        else json.loads(json.dumps(cfg))
+    )
     for key in NON_RESULT_KEYS:
         _drop(tree, key)
     canonical = json.dumps(tree, sort_keys=True, separators=(",", ":"), default=str)

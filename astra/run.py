@@ -23,14 +23,13 @@ from torch.utils.data import DataLoader
 
 from astra import config as schemas
 from astra.data import Task, build_task
-from astra.methods import BuildContext, BuildReport, InitMethod, get_method
+from astra.methods import BuildContext, get_method
 from astra.models import load_model
 from astra.results import (
     EvalInfo,
     MetaInfo,
     RunInfo,
     RunResult,
-    TrainInfo,
     finished,
     result_path,
     signature,
@@ -96,7 +95,11 @@ def build_context(cfg: DictConfig, task: Task, model_id: str) -> BuildContext:
 
     task_type = "SEQ_CLS" if cfg.task.family == "glue" else "CAUSAL_LM"
     return BuildContext(
-        cfg=cfg, calib_batches=calib_batches, task_type=task_type, cache_dir=cfg.paths.cache_dir, model_id=model_id
+        cfg=cfg,
+        calib_batches=calib_batches,
+        task_type=task_type,
+        cache_dir=cfg.paths.cache_dir,
+        model_id=model_id,
     )
 
 

@@ -42,7 +42,9 @@ class WandbTracker(NullTracker):
 
     def log(self, row: dict[str, Any]) -> None:
         step = row.get("step")
-        self.run.log({k: v for k, v in row.items() if k != "step"}, step=int(step) if step is not None else None)
+        self.run.log(
+            {k: v for k, v in row.items() if k != "step"}, step=int(step) if step is not None else None
+        )
 
     def summary(self, values: dict[str, Any]) -> None:
         self.run.summary.update(values)
