@@ -107,6 +107,10 @@ class TrainerConfig:
     bf16: bool = False
     dataloader_num_workers: int = 0
     save_model: bool = False
+    # effective-rank probes (astra/probes.py) at these optimisation steps (0 = at init; the final step is
+    # added); empty = no probes
+    rank_probe_steps: list[int] = field(default_factory=list)
+    rank_probe_samples: int = 32  # training examples whose output activations the covariance probe uses
 
 
 @dataclass

@@ -25,6 +25,7 @@ from astra import config as schemas
 from astra.data import Task, build_task
 from astra.methods import BuildContext, get_method
 from astra.models import load_model
+from astra.probes import make_rank_probe
 from astra.results import (
     EvalInfo,
     MetaInfo,
@@ -128,8 +129,10 @@ def execute(cfg: DictConfig, sig: str, tracker: Any, result: RunResult) -> None:
     history = HistoryCallback(sink=tracker.log)
     periodic = PeriodicEvalCallback(task, cfg.eval, cfg.trainer.eval_every, sink=tracker.log)
     run_dir = str(Path(cfg.paths.output_dir) / cfg.sweep.name / sig)
-    info.wall_seconds = train(model, task, cfg, run_dir, [history, periodic])
+    rank_probe = make_rank_probe(model, task, cfg, sink=tracker.log)
+    info.wall_seconds = train(model, task, cfg, run_dir, [history, periodic] + ([rank_probe] if rank_probe else []))
     info.history, info.peak_memory_mb = history.history, peak_memory_mb()
+    info.rank_probes = rank_probe.records if rank_probe else []
 
     metrics = task.evaluate(model, cfg.eval)
     result.eval_info = EvalInfo(metrics=metrics, history=periodic.history)

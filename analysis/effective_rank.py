@@ -1,0 +1,104 @@
+"""Entropy-based effective rank (Roy and Vetterli 2007) of weight updates, adapters and activations.
+
+`erank(M) = exp(H(p))`, `p_i = sigma_i / sum_j sigma_j`, `H(p) = -sum_i p_i log p_i`, over the singular
+values `sigma` of `M` (for a covariance, its eigenvalues). A flat spectrum of size n gives n, a rank-1
+matrix gives 1; the zero matrix (e.g. LoRA's update at step 0, B = 0) has no spectrum and gives 0.
+
+This module is pure tensor math plus read-side helpers over the results store: the trainer callback
+that calls it lives in `astra/probes.py`, so analysis never imports the trainer.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+
+# Module type of a linear layer from its qualified name: LLaMA-style names first, then BERT-style.
+# BERT's `attention.output.dense` is the attention output projection (o); `intermediate.dense` the
+# MLP up projection; the block's final `output.dense` the MLP down projection. Order matters:
+# the first pattern that matches wins (`attention.output.dense` also ends in `output.dense`).
+MODULE_TYPES: tuple[tuple[str, str], ...] = (
+    ("q", r"(^|\.)(q_proj|query_proj|query|q)$"),
+    ("k", r"(^|\.)(k_proj|key_proj|key|k)$"),
+    ("v", r"(^|\.)(v_proj|value_proj|value|v)$"),
+    ("o", r"(^|\.)(o_proj|out_proj|attention\.output\.dense)$"),
+    ("gate", r"(^|\.)(gate_proj|w1)$"),
+    ("up", r"(^|\.)(up_proj|intermediate\.dense|fc1|w3)$"),
+    ("down", r"(^|\.)(down_proj|output\.dense|fc2|w2)$"),
+)
+MODULE_ORDER = tuple(t for t, _ in MODULE_TYPES)
+
+
+def spectrum_effective_rank(spectrum: torch.Tensor, eps: float = 1e-12) -> float:
+    """exp(entropy) of the L1-normalised non-negative `spectrum` (k,); 0.0 when it sums to ~0.
+
+    Values below `eps * max` are numerical zeros of a rank-deficient matrix and are dropped, so a
+    rank-1 matrix gives exactly 1 rather than 1 + O(round-off).
+    """
+    s = spectrum.detach().double().flatten().abs()
+    if s.numel() == 0 or s.max() <= 0:
+        return 0.0
+    s = s[s > eps * s.max()]
+    p = s / s.sum()
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def effective_rank(matrix: torch.Tensor) -> float:
+    """Effective rank of a (m, n) matrix from its singular values (computed in float64 on CPU)."""
+    if matrix.ndim != 2:
+        raise ValueError(f"effective_rank expects a 2-D matrix, got shape {tuple(matrix.shape)}")
+    return spectrum_effective_rank(torch.linalg.svdvals(matrix.detach().double().cpu()))
+
+
+def covariance_effective_rank(cov: torch.Tensor) -> float:
+    """Effective rank of a symmetric PSD (d, d) covariance from its eigenvalues (negatives are round-off)."""
+    eig = torch.linalg.eigvalsh(cov.detach().double().cpu())
+    return spectrum_effective_rank(eig.clamp(min=0))
+
+
+def lowrank_singular_values(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """Singular values of `left @ right.T` for `left` (m, k), `right` (n, k), k << m, n, without the product.
+
+    With `left = Q_l R_l`, `right = Q_r R_r` (thin QR), `left @ right.T = Q_l (R_l R_r^T) Q_r^T` and the
+    orthonormal factors keep singular values, so only the (k, k) core needs an SVD: O((m + n) k^2)
+    instead of O(m n min(m, n)) -- what makes probing a 7B model's LoRA updates cheap.
+    """
+    if left.shape[1] != right.shape[1]:
+        raise ValueError(f"inner dimensions differ: left {tuple(left.shape)}, right {tuple(right.shape)}")
+    r_left = torch.linalg.qr(left.detach().double().cpu(), mode="r").R  # (k, k) when m >= k
+    r_right = torch.linalg.qr(right.detach().double().cpu(), mode="r").R
+    return torch.linalg.svdvals(r_left @ r_right.T)
+
+
+def module_type(name: str) -> str:
+    """q | k | v | o | gate | up | down for a linear layer's qualified name; `other` when none matches."""
+    for kind, pattern in MODULE_TYPES:
+        if re.search(pattern, name):
+            return kind
+    return "other"
+
+
+def by_module_type(per_layer: Mapping[str, float]) -> dict[str, float]:
+    """Mean of per-layer values for each module type, in q/k/v/o/gate/up/down order."""
+    groups: dict[str, list[float]] = defaultdict(list)
+    for name, value in per_layer.items():
+        groups[module_type(name)].append(float(value))
+    order = [*MODULE_ORDER, "other"]
+    return {kind: sum(groups[kind]) / len(groups[kind]) for kind in order if groups[kind]}
+
+
+def probe_rows(probes: Iterable[Mapping[str, Any]], quantity: str) -> list[dict[str, Any]]:
+    """Rows {step, <module type>: mean erank} of one probed `quantity` from a run's `train_info.rank_probes`.
+
+    quantity: `update` (dW = W_t - W_0), `adapter` (s B A) or `output_cov` (layer output covariance).
+    """
+    rows = []
+    for probe in probes:
+        per_layer = probe.get(quantity) or {}
+        if per_layer:
+            rows.append({"step": probe["step"], **by_module_type(per_layer)})
+    return rows
