@@ -1,3 +1,3 @@
 """Baseline methods, one file each, registered into `astra.methods` under their config names."""
 
-from baselines import full_ft, lora  # noqa: F401
+from baselines import corda, dora, eva, full_ft, lora, lora_ga, milora, olora, pissa  # noqa: F401

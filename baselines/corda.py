@@ -1,0 +1,119 @@
+"""CorDA (Yang et al., 2024, arXiv 2406.05223): context-oriented decomposition, through PEFT.
+
+Statistics: per target layer, the input second moment `C = (1/N) sum_i X_i^T X_i` over the calibration
+forwards, each sample's activations `X_i` (tokens, d_in) divided by `|max(X_i)|` (the release's hook,
+ported by PEFT's `calib_cov_distribution`; one unpadded sample per forward, the same samples as Astra).
+
+Init (PEFT's `collect_eigens_for_layer` + `corda_init`): damp `C <- C + lambda * mean(diag C) I`
+(lambda = 0.01, doubled until C is numerically invertible), take the SVD `W C = U S V^T`, and keep r triplets:
+IPM (instruction-previewed, adapt the largest: knowledge learned) or KPM (knowledge-preserved, adapt the
+smallest: the adapter holds the directions the calibration data uses least). Then
+`A = sqrt(S_r / s) V_r^T C^{-1}`, `B = U_r sqrt(S_r / s)`, so `s B A = U_r S_r V_r^T C^{-1}`, and the frozen
+residual `W - s B A` (summing every triplet gives `W C C^{-1} = W`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from peft.tuners.lora.config import CordaConfig
+from peft.tuners.lora.corda import CordaEigens, calib_cov_distribution, collect_eigens_for_layer
+from torch import nn
+
+from astra.adapters import lora_config
+from astra.config import MethodConfig
+from astra.methods import BuildContext, BuildReport, InitMethod, LoraInit, register
+from baselines.common import (
+    calibration,
+    model_device,
+    one_linear,
+    peft_layer_init,
+    single_samples,
+    timed_build,
+)
+from baselines.common import to_device, wrap_and_init
+
+CORDA_METHODS = ("ipm", "kpm")
+
+
+@dataclass
+class CorDAMethodConfig(MethodConfig):
+    corda_method: str = "ipm"  # ipm (instruction-previewed: largest) | kpm (knowledge-preserved: smallest)
+
+
+def corda_method(cfg: Any) -> str:
+    if cfg.corda_method not in CORDA_METHODS:
+        raise ValueError(f"method.corda_method={cfg.corda_method!r}; valid: {', '.join(CORDA_METHODS)}")
+    return cfg.corda_method
+
+
+def corda_eigens(weight: torch.Tensor, cov: torch.Tensor, rank: int, method: str) -> CordaEigens:
+    """PEFT's SVD of `W C` for one layer, cropped to the r kept triplets: U (d_out, r), S (r,), V (d_in, r)."""
+    base = one_linear(weight.detach())
+    base.covariance_matrix = cov.to(weight.device)  # (d_in, d_in)
+    full = collect_eigens_for_layer(base, None)  # the config argument is unused by PEFT here
+    keep = slice(0, rank) if method == "ipm" else slice(-rank, None)
+    return CordaEigens(
+        S_WC=full.S_WC[keep].clone(), U_WC=full.U_WC[:, keep].clone(), V_WC=full.V_WC[:, keep].clone()
+    )
+
+
+@register
+class CorDA(InitMethod):
+    name = "corda"
+    needs = "input_cov"
+    schema = CorDAMethodConfig
+
+    def init(self, weight: torch.Tensor, stats: torch.Tensor | None, spec: Any) -> LoraInit:
+        """A (r, d_in), B (d_out, r) from the SVD of `W C` with C = `stats` (d_in, d_in); residual W - s B A."""
+        if stats is None:
+            raise ValueError(
+                f"corda: layer {spec.name} has no input covariance (it saw no calibration forward)"
+            )
+        method = corda_method(spec.method)
+        eigens = corda_eigens(weight, stats, spec.rank, method)
+        init = peft_layer_init(weight, spec, attach={"eigens": eigens}, init_lora_weights="corda",
+                               corda_config=CordaConfig(corda_method=method))  # fmt: skip
+        init.info = {"sv_max": float(eigens.S_WC.max()), "sv_min": float(eigens.S_WC.min())}
+        return init
+
+    def build(self, model: nn.Module, ctx: BuildContext) -> tuple[nn.Module, BuildReport]:
+        corda_method(ctx.cfg.method)
+
+        def build(report: BuildReport) -> nn.Module:
+            config = lora_config(self, ctx)
+            report.extra["calib_forwards"] = input_covariances(model, config, calibration(ctx, self.name))
+            return wrap_and_init(self, model, ctx, report, pop_covariance, config)
+
+        return timed_build(build)
+
+
+@torch.no_grad()
+def input_covariances(model: nn.Module, config: Any, batches: list[dict[str, torch.Tensor]]) -> int:
+    """Attach CorDA's input covariance to every target linear (PEFT's hook); returns the forward count."""
+    was_training, device = model.training, model_device(model)
+    samples = list(single_samples(batches))
+
+    def run_model() -> None:
+        for sample in samples:
+            model(**to_device(sample, device))
+
+    config.corda_config = (
+        CordaConfig()
+    )  # PEFT's hook reads `use_float16_for_covariance` (False: fp32) from it
+    try:
+        calib_cov_distribution(model, config, run_model, None, None)
+    finally:
+        config.corda_config = None
+        model.train(was_training)
+    return len(samples)
+
+
+def pop_covariance(base: nn.Module) -> torch.Tensor | None:
+    cov = getattr(base, "covariance_matrix", None)
+    for attr in ("covariance_matrix", "sample_count"):
+        if hasattr(base, attr):
+            delattr(base, attr)
+    return cov if isinstance(cov, torch.Tensor) else None
