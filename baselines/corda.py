@@ -32,8 +32,9 @@ from baselines.common import (
     peft_layer_init,
     single_samples,
     timed_build,
+    to_device,
+    wrap_and_init,
 )
-from baselines.common import to_device, wrap_and_init
 
 CORDA_METHODS = ("ipm", "kpm")
 

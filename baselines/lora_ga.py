@@ -26,8 +26,15 @@ from torch import nn
 from astra.adapters import lora_config
 from astra.config import MethodConfig
 from astra.methods import BuildContext, BuildReport, InitMethod, LoraInit, register
-from baselines.common import calibration, model_device, peft_layer_init, residual_init, timed_build, to_device
-from baselines.common import wrap_and_init
+from baselines.common import (
+    calibration,
+    model_device,
+    peft_layer_init,
+    residual_init,
+    timed_build,
+    to_device,
+    wrap_and_init,
+)
 
 DIRECTIONS = ("ArB2r", "A2rBr", "ArBr", "random")
 SCALES = ("stable", "unit", "gd", "weight_svd")
