@@ -67,6 +67,26 @@ class GlueTaskConfig(TaskConfig):
 
 
 @dataclass
+class NLGTaskConfig(TaskConfig):
+    """Instruction tuning (loss on the response) + generation / log-likelihood evaluation (astra.nlg)."""
+
+    family: str = MISSING  # math | code | commonsense
+    max_length: int = 512  # paper / MetaMath: 512 tokens
+    hub_id: str = ""  # the paper's training set; tried first when train_source=auto
+    hub_split: str = "train"
+    hub_fields: dict[str, str] = field(default_factory=dict)  # instruction/input/output -> Hub column
+    hub_filter: dict[str, str] = field(default_factory=dict)  # column -> value kept (CodeFeedback: lang)
+    train_source: str = "auto"  # auto (Hub, else local) | hub | local
+    local_train: list[str] = field(default_factory=list)  # files under data_dir: the offline training set
+    local_note: str = ""  # how the local files differ from the paper's set (recorded in dataset_used)
+    eval_sets: list[str] = field(default_factory=list)  # gsm8k math500 math | humaneval mbpp | commonsense names
+    protocols: list[str] = field(default_factory=lambda: ["generation"])  # commonsense: generation, loglik
+    prompt_style: str = "alpaca"  # alpaca | llm_adapters
+    max_new_tokens: int | None = None  # overrides eval.max_new_tokens for this task (commonsense: 32)
+    main_metric: str = ""
+
+
+@dataclass
 class MethodConfig:
     name: str = MISSING
     rank: int = 8
@@ -120,6 +140,11 @@ class EvalConfig:
     max_new_tokens: int = 256
     allow_code_execution: bool = False
     timeout_s: float = 10.0
+    num_samples: int = 1  # completions per code problem; > 1 samples (temperature) for pass@k, k <= n
+    temperature: float = 0.8  # only when num_samples > 1
+    pass_k: list[int] = field(default_factory=lambda: [1])
+    memory_mb: int = 1024  # sandbox address-space limit per program
+    workers: int = 2  # sandbox programs run in parallel
 
 
 @dataclass
@@ -168,4 +193,5 @@ def register_schema(group: str, name: str, node: type) -> None:
 def register_all() -> None:
     ConfigStore.instance().store(name="run_schema", node=RunConfig)
     register_schema("task", "glue", GlueTaskConfig)
+    register_schema("task", "nlg", NLGTaskConfig)
     register_schema("method", "base", MethodConfig)
