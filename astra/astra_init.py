@@ -285,7 +285,7 @@ def warn_rank_deficient(eigens: dict[str, LayerEigens], d_outs: dict[str, int]) 
             f"arbitrary basis of the null space; use more calibration tokens (calib.n, calib.seq_len).",
             stacklevel=2,
         )
-    for name, (tokens, d) in short.items():
+    for name in short:
         eigens[name].info["rank_deficient"] = True
 
 
