@@ -9,7 +9,7 @@ out (A, B, residual), which turns PEFT's initialisers into pure per-layer functi
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -83,18 +83,6 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 
 def without_labels(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in batch.items() if k != "labels"}
-
-
-def single_samples(batches: list[dict[str, torch.Tensor]]) -> Iterator[dict[str, torch.Tensor]]:
-    """Each example of each batch alone, cut to its real tokens (batch 1, no padding), without labels.
-
-    CorDA's released hook (and PEFT's port) assumes one sample per forward: it squeezes the batch axis.
-    """
-    for batch in batches:
-        mask = batch["attention_mask"]  # (batch, seq)
-        for i in range(mask.shape[0]):
-            keep = mask[i].bool()
-            yield {k: v[i : i + 1][:, keep] for k, v in without_labels(batch).items() if v.dim() == 2}
 
 
 def wrap_and_init(

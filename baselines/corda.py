@@ -1,8 +1,10 @@
 """CorDA (Yang et al., 2024, arXiv 2406.05223): context-oriented decomposition, through PEFT.
 
-Statistics: per target layer, the input second moment `C = (1/N) sum_i X_i^T X_i` over the calibration
-forwards, each sample's activations `X_i` (tokens, d_in) divided by `|max(X_i)|` (the release's hook,
-ported by PEFT's `calib_cov_distribution`; one unpadded sample per forward, the same samples as Astra).
+Statistics (`astra.stats`, the machinery and samples Astra uses; `needs = "input_cov"`): per target
+layer the input second moment `C = (1/N) sum_i X_i^T X_i` over the N calibration samples, each sample's
+real-token activations `X_i` (tokens, d_in) divided by `|max(X_i)|`: the options below reproduce the
+release's hook (ported by PEFT's `calib_cov_distribution`, one unpadded sample per forward); a test pins
+the two equal.
 
 Init (PEFT's `collect_eigens_for_layer` + `corda_init`): damp `C <- C + lambda * mean(diag C) I`
 (lambda = 0.01, doubled until C is numerically invertible), take the SVD `W C = U S V^T`, and keep r triplets:
@@ -19,22 +21,11 @@ from typing import Any
 
 import torch
 from peft.tuners.lora.config import CordaConfig
-from peft.tuners.lora.corda import CordaEigens, calib_cov_distribution, collect_eigens_for_layer
-from torch import nn
+from peft.tuners.lora.corda import CordaEigens, collect_eigens_for_layer
 
-from astra.adapters import lora_config
 from astra.config import MethodConfig
-from astra.methods import BuildContext, BuildReport, InitMethod, LoraInit, register
-from baselines.common import (
-    calibration,
-    model_device,
-    one_linear,
-    peft_layer_init,
-    single_samples,
-    timed_build,
-    to_device,
-    wrap_and_init,
-)
+from astra.methods import InitMethod, LoraInit, register
+from baselines.common import one_linear, peft_layer_init
 
 CORDA_METHODS = ("ipm", "kpm")
 
@@ -42,6 +33,12 @@ CORDA_METHODS = ("ipm", "kpm")
 @dataclass
 class CorDAMethodConfig(MethodConfig):
     corda_method: str = "ipm"  # ipm (instruction-previewed: largest) | kpm (knowledge-preserved: smallest)
+    # statistic options read by astra.stats (defaults = CorDA's release: uncentred, per-sample max scaling)
+    centered: bool = False
+    sample_norm: str = "max_abs"  # each sample's X divided by |max(X)|
+    mask_padding: bool = True  # the release runs one unpadded sample per forward: no padding to count
+    normalizer: str = "forwards"  # divide by the number of calibration samples
+    accum_dtype: str = "fp32"
 
 
 def corda_method(cfg: Any) -> str:
@@ -79,42 +76,3 @@ class CorDA(InitMethod):
                                corda_config=CordaConfig(corda_method=method))  # fmt: skip
         init.info = {"sv_max": float(eigens.S_WC.max()), "sv_min": float(eigens.S_WC.min())}
         return init
-
-    def build(self, model: nn.Module, ctx: BuildContext) -> tuple[nn.Module, BuildReport]:
-        corda_method(ctx.cfg.method)
-
-        def build(report: BuildReport) -> nn.Module:
-            config = lora_config(self, ctx)
-            report.extra["calib_forwards"] = input_covariances(model, config, calibration(ctx, self.name))
-            return wrap_and_init(self, model, ctx, report, pop_covariance, config)
-
-        return timed_build(build)
-
-
-@torch.no_grad()
-def input_covariances(model: nn.Module, config: Any, batches: list[dict[str, torch.Tensor]]) -> int:
-    """Attach CorDA's input covariance to every target linear (PEFT's hook); returns the forward count."""
-    was_training, device = model.training, model_device(model)
-    samples = list(single_samples(batches))
-
-    def run_model() -> None:
-        for sample in samples:
-            model(**to_device(sample, device))
-
-    config.corda_config = (
-        CordaConfig()
-    )  # PEFT's hook reads `use_float16_for_covariance` (False: fp32) from it
-    try:
-        calib_cov_distribution(model, config, run_model, None, None)
-    finally:
-        config.corda_config = None
-        model.train(was_training)
-    return len(samples)
-
-
-def pop_covariance(base: nn.Module) -> torch.Tensor | None:
-    cov = getattr(base, "covariance_matrix", None)
-    for attr in ("covariance_matrix", "sample_count"):
-        if hasattr(base, attr):
-            delattr(base, attr)
-    return cov if isinstance(cov, torch.Tensor) else None
