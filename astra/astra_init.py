@@ -199,12 +199,18 @@ def allocate_ranks(
     ranks = {n: max(min_rank, min(int(round(s / total * budget)), bound[n])) for n, s in normalized.items()}
     diff = budget - sum(ranks.values())
     order = sorted(ranks, key=lambda n: normalized[n], reverse=True)
-    for i in range(abs(diff)):  # as released: one pass of +-1 over layers by score, bounds respected
-        name = order[i % len(order)]
-        if diff > 0 and ranks[name] < bound[name]:
-            ranks[name] += 1
-        elif diff < 0 and ranks[name] > min_rank:
-            ranks[name] -= 1
+    # +-1 cyclically over layers by descending score, as released; unlike the release (one pass of
+    # |diff| steps), a layer at its bound is skipped *without* using up a step, so the total is kept
+    i = stalled = 0
+    while diff != 0 and stalled < len(order):
+        name, step = order[i % len(order)], 1 if diff > 0 else -1
+        i += 1
+        if (step > 0 and ranks[name] < bound[name]) or (step < 0 and ranks[name] > min_rank):
+            ranks[name] += step
+            diff -= step
+            stalled = 0
+        else:
+            stalled += 1
     return ranks
 
 
