@@ -59,8 +59,9 @@ class LoraGAMethodConfig(MethodConfig):
 
 def validate(cfg: Any) -> None:
     for key, valid in (("direction", DIRECTIONS), ("scale", SCALES), ("formula", FORMULAS)):
-        if cfg[key] not in valid:
-            raise ValueError(f"method.{key}={cfg[key]!r} for lora_ga; valid: {', '.join(valid)}")
+        value = getattr(cfg, key)
+        if value not in valid:
+            raise ValueError(f"method.{key}={value!r} for lora_ga; valid: {', '.join(valid)}")
     if cfg.grad_batches is not None and cfg.grad_batches < 1:
         raise ValueError(f"method.grad_batches={cfg.grad_batches} for lora_ga must be >= 1 or null (all)")
 
