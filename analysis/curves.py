@@ -45,8 +45,11 @@ def aligned(runs: Sequence[RunResult], key: str, smooth: float = 0.0) -> tuple[n
 def _ylabel(key: str, runs: Sequence[RunResult]) -> str:
     if key == "grad_norm":
         return "gradient norm (L2, pre-clipping)"
-    regression = all(get(r, "task.num_labels") == 1 for r in runs)
-    return "training loss (MSE)" if regression else "training loss (nats/token)"
+    if all(get(r, "task.num_labels") == 1 for r in runs):
+        return "training loss (MSE)"
+    if all(get(r, "task.family") == "glue" for r in runs):
+        return "training loss (CE, nats/example)"
+    return "training loss (CE, nats/token)"  # causal LM on response tokens
 
 
 def plot_band(ax: plt.Axes, steps: np.ndarray, values: np.ndarray, label: str, style: tuple) -> None:

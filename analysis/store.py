@@ -123,8 +123,12 @@ def group_runs(runs: Sequence[RunResult], axes: Sequence[str] | None = None) -> 
     for run in runs:
         if run.ok:
             groups[group_label(run, axes)].append(run)
-    order = sorted(groups, key=lambda label: (method_rank(label.split(" ")[0]), _natural(label)))
-    return {label: groups[label] for label in order}
+    return {label: groups[label] for label in ordered(groups)}
+
+
+def ordered(labels: Iterable[str]) -> list[str]:
+    """Group labels in paper method order, then natural order of their axis values (rank=4 < rank=16)."""
+    return sorted(labels, key=lambda label: (method_rank(label.split(" ")[0]), _natural(label)))
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from analysis.effective_rank import MODULE_ORDER, by_module_type
-from analysis.store import Stat, ablation_axes, get, group_runs, load_runs, mixed_keys, sweeps
+from analysis.store import Stat, ablation_axes, get, group_runs, load_runs, mixed_keys, ordered, sweeps
 from astra.results import RunResult
 
 EMPTY = "-"
@@ -31,12 +31,14 @@ EMPTY = "-"
 
 @dataclass(frozen=True)
 class Column:
-    """A benchmark column: `aliases` name it in `task.name` (last path part) or as a metric-key prefix
-    (`gsm8k/accuracy`); `metrics` are the metric names tried in order, () = the run's `task.main_metric`."""
+    """A benchmark column: `aliases` name it in `task.name` (last path part) or in the metric key
+    (`gsm8k/accuracy`, `gen/ARC-Easy/accuracy`); `metrics` are the metric names tried in order,
+    () = the run's `task.main_metric`."""
 
     label: str
     aliases: tuple[str, ...]
     metrics: tuple[str, ...] = ()
+    prefix: str = ""  # protocol prefix of the metric key: `gen/boolq/accuracy`, `loglik/boolq/acc`
 
 
 ACC = ("accuracy", "acc", "exact_match")
@@ -52,14 +54,18 @@ MATH_CODE_COLUMNS = (
     Column("HumanEval", ("humaneval",), PASS1),
     Column("MBPP", ("mbpp",), PASS1),
 )
-COMMONSENSE_COLUMNS = tuple(
-    Column(label, aliases, ACC)
-    for label, aliases in (("BoolQ", ("boolq",)), ("PIQA", ("piqa",)), ("SIQA", ("social_i_qa", "siqa")),
-                           ("HellaSwag", ("hellaswag",)), ("WinoGrande", ("winogrande",)),
-                           ("ARC-e", ("arc_easy", "arc-e")), ("ARC-c", ("arc_challenge", "arc-c")),
-                           ("OBQA", ("openbookqa", "obqa")))
+COMMONSENSE_TASKS = (
+    ("BoolQ", ("boolq",)), ("PIQA", ("piqa",)), ("SIQA", ("social_i_qa", "siqa")), ("HellaSwag", ("hellaswag",)),
+    ("WinoGrande", ("winogrande",)), ("ARC-e", ("ARC-Easy", "arc_easy")), ("ARC-c", ("ARC-Challenge", "arc_challenge")),
+    ("OBQA", ("openbookqa", "obqa")),
 )  # fmt: skip
-FAMILIES = {"glue": GLUE_COLUMNS, "math_code": MATH_CODE_COLUMNS, "commonsense": COMMONSENSE_COLUMNS}
+# LLM-Adapters protocol (generate, extract the answer): the paper's; log-likelihood ranking as lm-eval does it
+COMMONSENSE_COLUMNS = tuple(Column(label, aliases, ACC, "gen") for label, aliases in COMMONSENSE_TASKS)
+COMMONSENSE_LOGLIK_COLUMNS = tuple(
+    Column(label, aliases, ("acc",), "loglik") for label, aliases in COMMONSENSE_TASKS
+)
+FAMILIES = {"glue": GLUE_COLUMNS, "math_code": MATH_CODE_COLUMNS, "commonsense": COMMONSENSE_COLUMNS,
+            "commonsense_loglik": COMMONSENSE_LOGLIK_COLUMNS}  # fmt: skip
 
 
 def _norm(text: str) -> str:
@@ -72,14 +78,21 @@ def column_value(run: RunResult, column: Column) -> float | None:
     names = column.metrics or (str(get(run, "task.main_metric", "accuracy")),)
     for alias in column.aliases:
         for name in names:
-            if _norm(alias) + _norm(name) in metrics:
-                return float(metrics[_norm(alias) + _norm(name)])
+            key = _norm(column.prefix) + _norm(alias) + _norm(name)
+            if key in metrics:
+                return float(metrics[key])
     task = _norm(str(get(run, "task.name", "")).split("/")[-1])
     if task in {_norm(a) for a in column.aliases}:
         for name in names:
-            if _norm(name) in metrics:
-                return float(metrics[_norm(name)])
+            if _norm(column.prefix) + _norm(name) in metrics:
+                return float(metrics[_norm(column.prefix) + _norm(name)])
     return None
+
+
+def is_count(key: str) -> bool:
+    """Metric keys that are counts or speeds, not scores: `n_eval`, `gsm8k/n`, `throughput/...`."""
+    parts = key.split("/")
+    return parts[-1] == "n" or parts[-1].startswith("n_") or parts[0] == "throughput"
 
 
 def format_stat(stat: Stat, scale: float = 100.0, digits: int = 2) -> str:
@@ -199,6 +212,16 @@ def glue_table(runs: Sequence[RunResult]) -> Table:
     return benchmark_table(runs, GLUE_COLUMNS, "glue", "GLUE dev (each task's main metric)")
 
 
+def commonsense_loglik_table(runs: Sequence[RunResult]) -> Table:
+    """Commonsense by log-likelihood ranking of the answer options (lm-eval protocol), eight tasks, average."""
+    return benchmark_table(
+        runs,
+        COMMONSENSE_LOGLIK_COLUMNS,
+        "commonsense_loglik",
+        "Commonsense reasoning, log-likelihood (accuracy)",
+    )
+
+
 def math_code_table(runs: Sequence[RunResult]) -> Table:
     """Paper Table (math and code): GSM8K and MATH accuracy, HumanEval and MBPP pass@1, average."""
     return benchmark_table(runs, MATH_CODE_COLUMNS, "math_code", "Math and code (accuracy, pass@1)")
@@ -206,7 +229,9 @@ def math_code_table(runs: Sequence[RunResult]) -> Table:
 
 def commonsense_table(runs: Sequence[RunResult]) -> Table:
     """Paper Table (commonsense reasoning): accuracy on eight tasks and their average."""
-    return benchmark_table(runs, COMMONSENSE_COLUMNS, "commonsense", "Commonsense reasoning (accuracy)")
+    return benchmark_table(
+        runs, COMMONSENSE_COLUMNS, "commonsense", "Commonsense reasoning, generation (accuracy)"
+    )
 
 
 def populated_columns(runs: Sequence[RunResult]) -> list[Column]:
@@ -243,7 +268,7 @@ def ablation_calib_table(runs: Sequence[RunResult]) -> Table | None:
 
 
 def _metric_keys(runs: Sequence[RunResult]) -> list[tuple[str, str]]:
-    """(task, metric) pairs evaluated in `runs`, counts such as `n_eval` left out."""
+    """(task, metric) pairs evaluated in `runs`, counts and speeds left out."""
     keys = {
         (str(get(r, "task.name")), k) for r in runs for k in r.eval_info.metrics if not k.startswith("n_")
     }
@@ -265,6 +290,7 @@ def sweep_table(runs: Sequence[RunResult], expected: Sequence[str] = (), name: s
     groups = group_runs(runs)
     for label in expected:
         groups.setdefault(label, [])
+    groups = {label: groups[label] for label in ordered(groups)}
     keys = _metric_keys(runs)
     tasks = {task for task, _ in keys}
     labels = [metric if len(tasks) == 1 else f"{task} {metric}" for task, metric in keys]
@@ -305,7 +331,7 @@ def rank_table(runs: Sequence[RunResult], quantity: str = "update") -> Table | N
 
 
 PAPER_TABLES: tuple[Callable[[Sequence[RunResult]], Table | None], ...] = (
-    glue_table, math_code_table, commonsense_table,
+    glue_table, math_code_table, commonsense_table, commonsense_loglik_table,
     ablation_select_table, ablation_rank_table, ablation_calib_table,
 )  # fmt: skip
 
