@@ -118,7 +118,7 @@ def build(compose, tmp_path, overrides=(), dtype="float32", task_family="glue"):
     cfg = compose([f"model={model_name}", "task=glue/mrpc", "method=astra", "calib.n=16", "calib.seq_len=48",
                    f"paths.cache_dir={tmp_path / 'cache'}", f"model.dtype={dtype}", *overrides])  # fmt: skip
     if task_family == "glue":
-        model, tok, model_id = load_model(cfg.model, cfg.task, cfg.paths.cache_dir, seed=0)
+        model, tok, model_id = load_model(cfg.model, cfg.task, cfg.paths.cache_dir, seed=cfg.seed)
         task = build_task(cfg.task, tok, cfg.paths.data_dir)
         ctx = build_context(cfg, task, model_id)
         probe = calibration_batches(task, OmegaConf.merge(cfg.calib, {"n": 8, "batch_size": 8, "seed": 1}))[0]
