@@ -200,3 +200,56 @@ def test_rank_deficient_calibration_warns_with_numbers(compose, tmp_path):
         build(compose, tmp_path, ["calib.n=1", "calib.seq_len=8"])  # <= 8 tokens < d_out = 32
     messages = [str(w.message) for w in caught if "rank-deficient" in str(w.message)]
     assert messages and "tokens < d_out = " in messages[0]
+
+
+@pytest.mark.parametrize("method,expected", [("astra", (1.0, 2.0)), ("astra_code", (1.0, 0.0))])
+def test_docs_worked_example(method, expected):
+    """docs/astra.md: Y = [[2, 0], [0, 1], [-2, 0] (padding)], W = I; tail (1, 2)/sqrt(5) vs head (1, 0)."""
+    from astra.run import compose_config
+    from astra.stats import collect_group, stat_options
+    from tests.test_stats import Single
+
+    m = compose_config([f"method={method}"]).method
+    model = Single(2, 2)
+    with torch.no_grad():
+        model.lin.weight.copy_(torch.eye(2))
+        model.lin.bias.zero_()
+    batch = {
+        "x": torch.tensor([[[2.0, 0.0], [0.0, 1.0], [-2.0, 0.0]]]),
+        "attention_mask": torch.tensor([[1, 1, 0]]),
+    }
+    cov = collect_group(model, {"lin": model.lin}, [batch], stat_options(m))["lin"].covariance()
+    ref = [[1.0, -0.5], [-0.5, 0.25]] if method == "astra" else [[2.0, 0.0], [0.0, 0.25]]
+    assert torch.allclose(cov, torch.tensor(ref))
+    eig = layer_eigens(cov, 1, m.select)
+    v = torch.tensor(expected) / torch.tensor(expected).norm()
+    assert torch.allclose(projector(eig.vectors), projector(v[:, None]), atol=1e-6)
+
+
+@pytest.mark.integration
+@requires_data
+def test_minilm_astra_preserves_function_and_logs_spectrum(compose, tmp_path):
+    """The embedded all-MiniLM-L6-v2 (36 target layers, d_out up to 1536), 16 calibration samples."""
+    from astra.data import build_task
+    from astra.models import load_model
+    from astra.run import build_context
+
+    cfg = compose(
+        ["model=minilm", "task=glue/mrpc", "method=astra", "calib.n=16", f"paths.cache_dir={tmp_path}"]
+    )
+    model, tok, model_id = load_model(cfg.model, cfg.task, cfg.paths.cache_dir, seed=0)
+    task = build_task(cfg.task, tok, cfg.paths.data_dir)
+    probe = calibration_batches(task, OmegaConf.merge(cfg.calib, {"n": 8, "batch_size": 8, "seed": 1}))[0]
+    probe = {k: v for k, v in probe.items() if k != "labels"}
+    model.eval()
+    with torch.no_grad():
+        base = model.bert(**probe).last_hidden_state
+    with pytest.warns(UserWarning, match="rank-deficient"):  # ~800 tokens < d_out = 1536 (intermediate)
+        peft_model, report = get_method("astra").build(model, build_context(cfg, task, model_id))
+    peft_model.eval()
+    with torch.no_grad():
+        init = peft_model.base_model.model.bert(**probe).last_hidden_state
+    assert (init - base).abs().max() < 1e-4
+    assert len(report.layers) == 36
+    deficient = [n for n, i in report.layers.items() if i.get("rank_deficient")]
+    assert deficient and all("intermediate" in n for n in deficient)
