@@ -16,6 +16,7 @@ import gzip
 import json
 import logging
 import os
+import time
 from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
@@ -312,9 +313,12 @@ class CommonsenseTask(InstructionTask):
             metrics["gen/avg_accuracy"] = float(np.mean(accs))
         if "loglik" in self.cfg.protocols:
             files = {n: self.test_file(n) for n in self.present_sets}
+            start = time.perf_counter()
             results = cs.loglik_accuracy(
                 model, self.tokenizer, files, self.cache_dir, eval_cfg.limit, eval_cfg.batch_size
             )
+            n_docs = sum(row["n"] for row in results.values())
+            metrics["throughput/loglik/samples_per_s"] = n_docs / (time.perf_counter() - start)
             for name, row in results.items():
                 metrics.update({f"loglik/{name}/{k}": v for k, v in row.items()})
             metrics["loglik/avg_acc"] = float(np.mean([row["acc"] for row in results.values()]))

@@ -147,7 +147,7 @@ def loglik_accuracy(
     limit: int | None,
     batch_size: int,
 ) -> dict[str, dict[str, float]]:
-    """{task: {"acc": .., "acc_norm": ..}} by lm-eval's log-likelihood protocol (zero-shot)."""
+    """{task: {"acc": .., "acc_norm": .., "n": docs}} by lm-eval's log-likelihood protocol (zero-shot)."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -169,6 +169,9 @@ def loglik_accuracy(
     for task in files:
         row = out["results"][lm_eval_task_name(task)]
         results[task] = {m: float(row[f"{m},none"]) for m in ("acc", "acc_norm") if f"{m},none" in row}
+        results[task]["n"] = float(
+            out.get("n-samples", {}).get(lm_eval_task_name(task), {}).get("effective", 0)
+        )
     return results
 
 
