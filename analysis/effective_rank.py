@@ -33,31 +33,50 @@ MODULE_TYPES: tuple[tuple[str, str], ...] = (
 MODULE_ORDER = tuple(t for t, _ in MODULE_TYPES)
 
 
-def spectrum_effective_rank(spectrum: torch.Tensor, eps: float = 1e-12) -> float:
-    """exp(entropy) of the L1-normalised non-negative `spectrum` (k,); 0.0 when it sums to ~0.
+def spectrum_effective_rank(spectrum: torch.Tensor, rtol: float = 1e-12, atol: float = 0.0) -> float:
+    """exp(entropy) of the L1-normalised non-negative `spectrum` (k,); 0.0 when it is all zero.
 
-    Values below `eps * max` are numerical zeros of a rank-deficient matrix and are dropped, so a
-    rank-1 matrix gives exactly 1 rather than 1 + O(round-off).
+    Values at or below `max(rtol * max, atol)` are numerical zeros of a rank-deficient matrix and are
+    dropped (`rtol`: the tolerance `numpy.linalg.matrix_rank` uses; `atol`: a known round-off floor),
+    so a rank-1 matrix gives 1, not 1 + O(round-off).
     """
     s = spectrum.detach().double().flatten().abs()
-    if s.numel() == 0 or s.max() <= 0:
+    if s.numel() == 0 or s.max() <= atol:
         return 0.0
-    s = s[s > eps * s.max()]
+    s = s[s > max(rtol * s.max(), atol)]
     p = s / s.sum()
     return float(torch.exp(-(p * p.log()).sum()))
 
 
-def effective_rank(matrix: torch.Tensor) -> float:
+def _rtol(matrix: torch.Tensor) -> float:
+    """matrix_rank's tolerance: max(m, n) * machine epsilon of the dtype the matrix was computed in."""
+    eps = torch.finfo(matrix.dtype).eps if matrix.dtype.is_floating_point else torch.finfo(torch.float64).eps
+    return max(matrix.shape) * eps
+
+
+def effective_rank(matrix: torch.Tensor, atol: float = 0.0) -> float:
     """Effective rank of a (m, n) matrix from its singular values (computed in float64 on CPU)."""
     if matrix.ndim != 2:
         raise ValueError(f"effective_rank expects a 2-D matrix, got shape {tuple(matrix.shape)}")
-    return spectrum_effective_rank(torch.linalg.svdvals(matrix.detach().double().cpu()))
+    return spectrum_effective_rank(torch.linalg.svdvals(matrix.detach().double().cpu()), _rtol(matrix), atol)
+
+
+def storage_noise_floor(weight: torch.Tensor) -> float:
+    """Spectral norm of the round-off of storing `weight` (m, n) in its dtype: eps * rms(W) * (sqrt m + sqrt n).
+
+    A difference of two stored weights, W_t - W_0, carries an elementwise rounding error of at most
+    eps/2 * |w|; a random (m, n) matrix of such entries has spectral norm about that bound (twice
+    the margin). Singular values of dW below it are rounding noise, not learned directions.
+    """
+    eps = torch.finfo(weight.dtype).eps
+    rms = weight.detach().double().pow(2).mean().sqrt().item()
+    return eps * rms * (weight.shape[0] ** 0.5 + weight.shape[1] ** 0.5)
 
 
 def covariance_effective_rank(cov: torch.Tensor) -> float:
     """Effective rank of a symmetric PSD (d, d) covariance from its eigenvalues (negatives are round-off)."""
     eig = torch.linalg.eigvalsh(cov.detach().double().cpu())
-    return spectrum_effective_rank(eig.clamp(min=0))
+    return spectrum_effective_rank(eig.clamp(min=0), _rtol(cov))
 
 
 def lowrank_singular_values(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,7 @@ from analysis.effective_rank import (
     effective_rank,
     lowrank_singular_values,
     spectrum_effective_rank,
+    storage_noise_floor,
 )
 
 PEFT_PREFIX = "base_model.model."
@@ -81,6 +82,11 @@ def _dense_weight(layer: nn.Module, adapter: str) -> torch.Tensor:
     return layer.weight.detach().double().cpu()
 
 
+def _stored_weight(layer: nn.Module) -> torch.Tensor:
+    """The parameter that training writes, in its storage dtype (sets the round-off floor of dW)."""
+    return layer.get_base_layer().weight if isinstance(layer, LoraLayer) else layer.weight
+
+
 class RankProbeCallback(TrainerCallback):
     """Records `update`, `adapter` and `output_cov` effective ranks per layer at the chosen steps."""
 
@@ -122,7 +128,9 @@ class RankProbeCallback(TrainerCallback):
                 right = torch.cat([right_t, start[1]], dim=1)  # (d_in, 2r)
                 ranks[name] = spectrum_effective_rank(lowrank_singular_values(left, right))
             else:
-                ranks[name] = effective_rank(_dense_weight(layer, self.adapter) - start)
+                current = _dense_weight(layer, self.adapter)
+                floor = storage_noise_floor(_stored_weight(layer))
+                ranks[name] = effective_rank(current - start, atol=floor)
         return ranks
 
     def adapter_ranks(self) -> dict[str, float]:
