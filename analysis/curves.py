@@ -12,7 +12,7 @@ import numpy as np
 
 from analysis.effective_rank import MODULE_ORDER, by_module_type
 from analysis.store import get, group_runs
-from analysis.style import line_styles, new_figure, paper_style, plt
+from analysis.style import line_styles, new_figure, paper_style, plt, shared_legend
 from astra.results import RunResult
 
 CURVE_KEYS = ("loss", "grad_norm")
@@ -44,12 +44,12 @@ def aligned(runs: Sequence[RunResult], key: str, smooth: float = 0.0) -> tuple[n
 
 def _ylabel(key: str, runs: Sequence[RunResult]) -> str:
     if key == "grad_norm":
-        return "gradient norm (L2, pre-clipping)"
+        return "grad norm (L2, pre-clip)"
     if all(get(r, "task.num_labels") == 1 for r in runs):
-        return "training loss (MSE)"
+        return "loss (MSE)"
     if all(get(r, "task.family") == "glue" for r in runs):
-        return "training loss (CE, nats/example)"
-    return "training loss (CE, nats/token)"  # causal LM on response tokens
+        return "loss (CE, nats/example)"
+    return "loss (CE, nats/token)"  # causal LM on response tokens
 
 
 def plot_band(ax: plt.Axes, steps: np.ndarray, values: np.ndarray, label: str, style: tuple) -> None:
@@ -87,15 +87,15 @@ def plot_curves(runs: Sequence[RunResult], path: Path, title: str, smooth: float
                         plot_band(ax, steps, values, label, styles[label])
                 ax.set_xlabel("optimisation step")
                 ax.set_ylabel(_ylabel(key, [r for m in groups.values() for r in m]))
-                ax.set_title(f"{task}: {'loss' if key == 'loss' else 'gradient norm'}")
+                ax.set_title(f"{task}: {'training loss' if key == 'loss' else 'gradient norm'}")
                 if key == "grad_norm":
                     ax.set_yscale("log")  # early spikes span orders of magnitude
                 else:
                     ax.ticklabel_format(axis="y", useOffset=False)
-                ax.legend(frameon=False)
         smooth_note = f", EMA smoothing {smooth}" if smooth else ""
         fig.suptitle(f"{title} (mean ± 1 std over seeds{smooth_note})", fontsize=10)
         fig.tight_layout()
+        shared_legend(fig, axes)
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path)
         plt.close(fig)
@@ -144,9 +144,9 @@ def plot_rank_probes(runs: Sequence[RunResult], path: Path, title: str) -> Path 
             ax.set_ylabel("effective rank (dimensions)")
             ax.ticklabel_format(axis="y", useOffset=False)
             ax.set_title(f"erank of {RANK_QUANTITIES[quantity]}")
-            ax.legend(frameon=False)
         fig.suptitle(f"{title} (mean over layers; mean ± 1 std over seeds)", fontsize=10)
         fig.tight_layout()
+        shared_legend(fig, axes)
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path)
         plt.close(fig)

@@ -37,20 +37,20 @@ CSS = (
 )
 
 
-def status_section(sweep: str) -> list[str]:
-    """Expected runs of the sweep file, by state; a sweep with no file (ad hoc) has none."""
+def status_section(sweep: str, results_dir: Path) -> list[str]:
+    """Expected runs of the sweep file (results looked up in `results_dir`), by state; ad-hoc sweeps have none."""
     from analysis.status import expected_runs, sweep_names
 
     if sweep not in sweep_names():
         return [f"No `conf/sweep/{sweep}.yaml`: the runs were launched without a sweep file."]
     try:
-        runs = expected_runs(sweep)
+        runs = expected_runs(sweep, [f"paths.results_dir={results_dir}"])
     except Exception as err:  # noqa: BLE001 (a report is still useful without the status)
         return [f"Could not expand `conf/sweep/{sweep}.yaml`: {err}"]
     counts = Counter(r.state for r in runs)
     lines = [f"{len(runs)} runs expected by `conf/sweep/{sweep}.yaml`: "
              + ", ".join(f"{counts[s]} {s}" for s in ("present", "failed", "missing", "invalid"))]  # fmt: skip
-    lines += [f"- {r.state}: `{' '.join(r.overrides)}` {r.detail}" for r in runs if r.state != "present"]
+    lines += [f"- {r.state}: `{' '.join(r.overrides[:-1])}` {r.detail}" for r in runs if r.state != "present"]
     return lines
 
 
@@ -130,7 +130,9 @@ def embed_png(path: Path) -> str:
     return f"<figure><img src='data:image/png;base64,{data}' alt='{path.name}'><figcaption>{path.name}</figcaption></figure>"
 
 
-def write_report(runs: Sequence[RunResult], sweep: str, out_dir: Path) -> tuple[Path, Path]:
+def write_report(
+    runs: Sequence[RunResult], sweep: str, out_dir: Path, results_dir: Path
+) -> tuple[Path, Path]:
     """`<out>/reports/<sweep>.md` and `.html` for one sweep's runs; figures go to `<out>/figures/`."""
     ok = [r for r in runs if r.ok]
     tables = [*sweep_tables(ok, sweep), init_table(ok)] if ok else []
@@ -141,7 +143,7 @@ def write_report(runs: Sequence[RunResult], sweep: str, out_dir: Path) -> tuple[
         f"{description}\n\n".lstrip() + f"{len(runs)} result files ({len(ok)} successful); generated {stamp}."
     )
     sections = [
-        ("Status", status_section(sweep)),
+        ("Status", status_section(sweep, results_dir)),
         ("Setup", setup_section(runs)),
         ("Failed runs", failed_section(runs)),
         ("Provenance", provenance_section(runs)),
@@ -190,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         sweep_runs = [r for r in runs if r.run_info.sweep == sweep]
         if not sweep_runs:
             sys.exit(f"no results for sweep {sweep!r}; sweeps in the store: {', '.join(sweeps(runs))}")
-        for path in write_report(sweep_runs, sweep, out):
+        for path in write_report(sweep_runs, sweep, out, Path(args.results_dir).resolve()):
             print(path)
 
 

@@ -43,8 +43,34 @@ def line_styles(labels: list[str]) -> dict[str, tuple[str, object]]:
         method = label.split(" ")[0]
         index = seen.get(method, 0)
         seen[method] = index + 1
-        styles[label] = (method_color(method), LINE_STYLES[index % len(LINE_STYLES)])
+        styles[label] = (
+            shade(method_color(method), 0.18 * (index % 4)),
+            LINE_STYLES[index % len(LINE_STYLES)],
+        )
     return styles
+
+
+def shade(color: str, amount: float) -> str:
+    """`color` blended towards white by `amount` in [0, 1): variants stay recognisably one method."""
+    r, g, b = (int(color[i : i + 2], 16) for i in (1, 3, 5))
+    return "#" + "".join(f"{round(c + (255 - c) * amount):02X}" for c in (r, g, b))
+
+
+def shared_legend(fig: plt.Figure, axes: list) -> None:
+    """One legend for the whole figure, below the panels, so it never hides a curve."""
+    handles, labels = {}, []
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            if label not in handles:
+                handles[label] = handle
+                labels.append(label)
+    if labels:
+        ncol = min(len(labels), 3 if max(map(len, labels)) > 24 else 5)
+        fig.legend([handles[x] for x in labels], labels, loc="lower center", ncol=ncol, frameon=False,
+                   bbox_to_anchor=(0.5, 0.0))  # fmt: skip
+        rows = -(-len(labels) // ncol)
+        height = fig.get_figheight()  # inches: x-axis label (~0.55 in) plus ~0.22 in per legend row
+        fig.subplots_adjust(bottom=min(0.5, (0.55 + 0.22 * rows) / height))
 
 
 def paper_rc() -> dict[str, object]:
@@ -70,7 +96,7 @@ def paper_style() -> object:
     return plt.rc_context(paper_rc())
 
 
-def new_figure(rows: int, cols: int, width: float = 3.6, height: float = 2.7) -> tuple[plt.Figure, list]:
+def new_figure(rows: int, cols: int, width: float = 3.6, height: float = 2.9) -> tuple[plt.Figure, list]:
     """A (rows x cols) grid of axes, each `width` x `height` inches; returns (figure, flat list of axes)."""
     fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
     return fig, [ax for row in axes for ax in row]

@@ -226,7 +226,7 @@ def test_ema_and_curves_png(store: Path, tmp_path: Path) -> None:
 def test_report_embeds_tables_and_figures(store: Path, tmp_path: Path) -> None:
     from analysis.report import write_report
 
-    md, html = write_report(load_runs(store, "s"), "s", tmp_path / "out")
+    md, html = write_report(load_runs(store, "s"), "s", tmp_path / "out", store)
     text = md.read_text()
     assert "85.00 ± 1.41" in text and "![s_curves.png](../figures/s_curves.png)" in text
     assert "data:image/png;base64," in html.read_text() and "`f` (lora / glue/cola / seed 0)" in text
