@@ -62,6 +62,9 @@ class Task:
     def collator(self) -> Callable:
         return DataCollatorWithPadding(self.tokenizer)
 
+    def check_eval(self, eval_cfg: Any) -> None:
+        """Raise before training when `evaluate` would refuse `eval_cfg` (so no training is lost)."""
+
     # --- shared -------------------------------------------------------------------------------
     def record_file(self, path: Path) -> None:
         self.data_files[str(path)] = sha256_file(path)

@@ -259,12 +259,15 @@ class CodeTask(InstructionTask):
         rows = super().eval_records(name)
         return [r for r in rows if int(r["task_id"]) in MBPP_TEST_IDS] if name == "mbpp" else rows
 
-    def evaluate_set(self, name: str, model: torch.nn.Module, eval_cfg: Any) -> dict[str, float]:
+    def check_eval(self, eval_cfg: Any) -> None:
         if not eval_cfg.allow_code_execution:
             raise PermissionError(
-                f"{name} runs model-generated code; set eval.allow_code_execution=true to run it in the sandbox "
-                "(subprocess, time/memory limits, no network, writes confined to a temp dir)"
+                f"{', '.join(self.cfg.eval_sets)} run model-generated code; set eval.allow_code_execution=true to "
+                "run it in the sandbox (subprocess, time/memory limits, no network, writes confined to a temp dir)"
             )
+
+    def evaluate_set(self, name: str, model: torch.nn.Module, eval_cfg: Any) -> dict[str, float]:
+        self.check_eval(eval_cfg)
         rows = _limit(self.eval_records(name), eval_cfg)
         if name == "humaneval":
             instructions = [prompts.humaneval_instruction(r["prompt"]) for r in rows]

@@ -109,6 +109,7 @@ def execute(cfg: DictConfig, sig: str, tracker: Any, result: RunResult) -> None:
     torch.manual_seed(cfg.seed)
     model, tokenizer, model_id = load_model(cfg.model, cfg.task, cfg.paths.cache_dir, seed=cfg.seed)
     task = build_task(cfg.task, tokenizer, cfg.paths.data_dir, seed=cfg.seed)
+    task.check_eval(cfg.eval)
     result.meta_info.dataset_used = task.dataset_used
     method = get_method(cfg.method.name)
     probe = probe_batch(task)

@@ -93,3 +93,11 @@ def test_wandb_offline_run(compose, tmp_path):
     run_dirs = list((tmp_path / "outputs").rglob("offline-run-*"))
     assert result.ok and run_dirs, "wandb should write an offline run directory"
     assert any(p.suffix == ".wandb" for p in run_dirs[0].iterdir())
+
+
+def test_code_task_without_permission_fails_before_training(compose, tmp_path):
+    cfg = compose(["model=tiny-llama", "task=code", "method=lora", "trainer.max_steps=2", "task.train_limit=8"])
+    with pytest.raises(PermissionError, match="allow_code_execution"):
+        run_experiment(cfg)
+    (path,) = result_files(tmp_path)
+    assert read_result(path).train_info.history == []  # refused before any training step
