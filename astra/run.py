@@ -124,8 +124,9 @@ def execute(cfg: DictConfig, sig: str, tracker: Any, result: RunResult) -> None:
         "%s: init %.2fs, trainable %d / %d, loss base %.5f -> step 0 %.5f",
         method.name, info.init_seconds, info.trainable_params, info.total_params, info.base_loss, info.step0_loss,
     )  # fmt: skip
+    scalars = {k: v for k, v in report.extra.items() if isinstance(v, int | float | str)}  # calib tokens, cache
     tracker.summary({"init_seconds": info.init_seconds, "trainable_params": info.trainable_params,
-                     "base_loss": info.base_loss, "step0_loss": info.step0_loss})  # fmt: skip
+                     "base_loss": info.base_loss, "step0_loss": info.step0_loss, **scalars})  # fmt: skip
 
     history = HistoryCallback(sink=tracker.log)
     periodic = PeriodicEvalCallback(task, cfg.eval, cfg.trainer.eval_every, sink=tracker.log)
