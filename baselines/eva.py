@@ -34,6 +34,7 @@ class EVAMethodConfig(MethodConfig):
     use_label_mask: bool = True  # causal LM: drop tokens whose label is -100 (the prompt), as PEFT does
     whiten: bool = False  # divide A's rows by the square root of their singular values
     adjust_scaling_factors: bool = True  # with rho > 1: alpha scaled by new_rank / r
+    max_passes: int = 50  # PEFT cycles the calibration batches until convergence; fail after this many passes
 
 
 def eva_config(cfg: Any) -> EvaConfig:
@@ -56,14 +57,44 @@ def token_indices(batch: dict[str, torch.Tensor], peft_config: Any) -> torch.Ten
     return mask.nonzero()
 
 
-def forward(model: nn.Module, batch: dict[str, torch.Tensor]) -> Any:
-    return model(**without_labels(batch))  # EVA needs activations only; no loss
+class EVANotConverged(RuntimeError):
+    """EVA's components did not stabilise within `max_passes` passes over the calibration batches."""
+
+
+def bounded_forward(limit: int, detail: str):
+    """EVA's forward: activations only (no loss), failing after `limit` calls instead of cycling forever."""
+    calls = [0]
+
+    def forward(model: nn.Module, batch: dict[str, torch.Tensor]) -> Any:
+        calls[0] += 1
+        if calls[0] > limit:
+            raise EVANotConverged(f"eva: components not converged after {limit} forwards ({detail}); "
+                                  "raise method.max_passes, lower method.tau or use more calibration data")  # fmt: skip
+        return model(**without_labels(batch))
+
+    return forward
+
+
+def check_tokens(batches: list[dict[str, torch.Tensor]], config: Any) -> None:
+    """Every batch must give PEFT's incremental PCA at least `rho * r` tokens, or its hooks skip forever."""
+    need = round(config.r * config.eva_config.rho)
+    counts = [len(token_indices(batch, config)) for batch in batches]
+    if max(counts) < need:
+        raise ValueError(f"eva needs >= {need} usable tokens per calibration batch (rho * r), got at most "
+                         f"{max(counts)}: raise calib.seq_len / calib.batch_size, or set method.use_label_mask=false "
+                         "(the prompt may fill the whole sequence)")  # fmt: skip
 
 
 @torch.no_grad()
-def eva_model(model: nn.Module, config: Any, batches: list[dict[str, torch.Tensor]]) -> nn.Module:
+def eva_model(
+    model: nn.Module, config: Any, batches: list[dict[str, torch.Tensor]], max_passes: int = 50
+) -> nn.Module:
     """PEFT model with `init_lora_weights="eva"` whose A's are EVA's components on `batches`."""
+    check_tokens(batches, config)
     peft_model = get_peft_model(model, config)
+    forward = bounded_forward(
+        max_passes * len(batches) + 1, f"{len(batches)} batches, tau={config.eva_config.tau}"
+    )
     initialize_lora_eva_weights(peft_model, dataloader=batches, forward_fn=forward,
                                 prepare_model_inputs_fn=token_indices, show_progress_bar=False)  # fmt: skip
     return peft_model
@@ -80,7 +111,8 @@ class EVA(InitMethod):
 
     def build(self, model: nn.Module, ctx: BuildContext) -> tuple[nn.Module, BuildReport]:
         def build(report: BuildReport) -> nn.Module:
-            peft_model = eva_model(model, lora_config(self, ctx), calibration(ctx, self.name))
+            batches = calibration(ctx, self.name)
+            peft_model = eva_model(model, lora_config(self, ctx), batches, ctx.cfg.method.max_passes)
             for name, layer in lora_layers(peft_model).items():
                 report.layers[name] = {"rank": layer.r["default"], "scaling": layer.scaling["default"]}
             return peft_model

@@ -223,6 +223,18 @@ def test_eva_a_spans_the_top_principal_directions_of_the_layer_inputs() -> None:
     assert torch.count_nonzero(layer.lora_B["default"].weight) == 0
 
 
+def test_eva_fails_clearly_when_label_masking_leaves_too_few_tokens() -> None:
+    model = ToyLM(vocab=50, d_in=16, d_out=12)
+    ids = torch.randint(1, 50, (2, 10))
+    batches = [
+        {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.full_like(ids, -100)}
+    ]
+    config = LoraConfig(r=RANK, target_modules=["proj"], init_lora_weights="eva",
+                        eva_config=eva_config(EVAMethodConfig(name="eva")))  # fmt: skip
+    with pytest.raises(ValueError, match="use_label_mask=false"):
+        eva_model(model, config, batches)
+
+
 def test_lora_init_option_names_peft_inits() -> None:
     lora = get_method("lora")
     assert lora.peft_kwargs(SimpleNamespace(name="lora", init="gaussian")) == {
@@ -337,3 +349,18 @@ def test_end_to_end_tiny_bert_mrpc(compose, method: str) -> None:
     assert result.run_info.status == "success"
     assert info.step0_loss == pytest.approx(info.base_loss, abs=1e-4)  # function preserved on real text
     assert len(info.history) == 2 and "accuracy" in result.eval_info.metrics
+
+
+@requires_data
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_end_to_end_tiny_llama_metamath(compose, method: str) -> None:
+    from astra.run import run_experiment
+
+    cfg = compose(["model=tiny-llama", "task=metamath", f"method={method}", "trainer.max_steps=2",
+                   "trainer.batch_size=2", "task.train_limit=8", "task.max_length=96", "eval.limit=1",
+                   "task.max_new_tokens=4", "eval.max_new_tokens=4", "calib.n=4", "calib.seq_len=256"])  # fmt: skip
+    result = run_experiment(cfg)
+    info = result.train_info
+    assert result.run_info.status == "success"
+    assert info.step0_loss == pytest.approx(info.base_loss, abs=1e-4)
+    assert len(info.history) == 2
