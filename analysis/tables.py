@@ -326,7 +326,9 @@ def rank_table(runs: Sequence[RunResult], quantity: str = "update") -> Table | N
     finals = {label: fs for label, fs in finals.items() if any(fs)}  # full FT has no adapter rows
     stats = [[Stat.of(f.get(k) for f in fs) for k in kinds] for fs in finals.values()]
     cells = [[format_stat(s, 1.0) for s in row] for row in stats]
-    note = "At the last probed step; mean over the layers of each type, mean ± std over seeds."
+    tasks = {get(r, "task.name") for r in probed}
+    over = "runs (seeds and tasks)" if len(tasks) > 1 else "seeds"
+    note = f"At the last probed step; mean over the layers of each type, mean ± std over {over}."
     return Table(f"rank_{quantity}", titles[quantity], kinds, list(finals), cells, set(), note)
 
 
