@@ -39,7 +39,7 @@ CSS = (
 
 def status_section(sweep: str, results_dir: Path) -> list[str]:
     """Expected runs of the sweep file (results looked up in `results_dir`), by state; ad-hoc sweeps have none."""
-    from analysis.status import expected_runs, sweep_names
+    from analysis.status import expected_runs, sweep_names, unexpected_results
 
     if sweep not in sweep_names():
         return [f"No `conf/sweep/{sweep}.yaml`: the runs were launched without a sweep file."]
@@ -51,6 +51,11 @@ def status_section(sweep: str, results_dir: Path) -> list[str]:
     lines = [f"{len(runs)} runs expected by `conf/sweep/{sweep}.yaml`: "
              + ", ".join(f"{counts[s]} {s}" for s in ("present", "failed", "missing", "invalid"))]  # fmt: skip
     lines += [f"- {r.state}: `{' '.join(r.overrides[:-1])}` {r.detail}" for r in runs if r.state != "present"]
+    stray = unexpected_results(runs)
+    if stray:
+        lines.append(f"{len(stray)} result file(s) here are not runs of the sweep file as it stands (launched with "
+                     f"extra overrides, or an older version of it): `python -m analysis.status {sweep} <overrides>` "
+                     "matches them.")  # fmt: skip
     return lines
 
 
