@@ -35,7 +35,7 @@ def smollm2(tmp_path_factory):
     from astra.models import load_model
     from astra.run import compose_config
 
-    cfg = compose_config(["model=smollm2-135m", "task=metamath", "calib.n=4", "calib.seq_len=64",
+    cfg = compose_config(["model=smollm2-135m", "task=metamath", "calib.n=4", "calib.seq_len=256",
                           "method.target_modules=[q_proj,v_proj]"])  # fmt: skip
     model, tokenizer, _ = load_model(cfg.model, cfg.task, cfg.paths.cache_dir)
     task = build_task(cfg.task, tokenizer, cfg.paths.data_dir)
