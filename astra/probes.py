@@ -87,6 +87,14 @@ def _stored_weight(layer: nn.Module) -> torch.Tensor:
     return layer.get_base_layer().weight if isinstance(layer, LoraLayer) else layer.weight
 
 
+def lowrank_floor(left: torch.Tensor, right: torch.Tensor) -> float:
+    """Round-off level of `left @ right.T` computed in float64: with B_t A_t = B_0 A_0 (no step taken
+    yet, a non-zero init such as Astra's or PiSSA's) every singular value is noise at this level,
+    and a relative tolerance alone would count that noise as rank."""
+    scale = float(torch.linalg.matrix_norm(left, 2) * torch.linalg.matrix_norm(right, 2))
+    return scale * max(left.shape[0], right.shape[0]) * torch.finfo(torch.float64).eps
+
+
 class RankProbeCallback(TrainerCallback):
     """Records `update`, `adapter` and `output_cov` effective ranks per layer at the chosen steps."""
 
@@ -126,7 +134,9 @@ class RankProbeCallback(TrainerCallback):
                 left_t, right_t = _factors(layer, self.adapter)
                 left = torch.cat([left_t, -start[0]], dim=1)  # (d_out, 2r)
                 right = torch.cat([right_t, start[1]], dim=1)  # (d_in, 2r)
-                ranks[name] = spectrum_effective_rank(lowrank_singular_values(left, right))
+                ranks[name] = spectrum_effective_rank(
+                    lowrank_singular_values(left, right), atol=lowrank_floor(left, right)
+                )
             else:
                 current = _dense_weight(layer, self.adapter)
                 floor = storage_noise_floor(_stored_weight(layer))

@@ -107,6 +107,20 @@ def test_probe_lora_update_and_adapter_equal_dense_effective_rank() -> None:
     assert a0.shape == a.shape
 
 
+def test_probe_update_is_zero_before_training_for_nonzero_inits() -> None:
+    """Astra/PiSSA start with B A != 0; dW at step 0 is exactly zero, not round-off counted as rank."""
+    torch.manual_seed(0)
+    model = get_peft_model(Toy(), LoraConfig(r=2, lora_alpha=4, target_modules=["proj"]))
+    layer = model.base_model.model.proj
+    with torch.no_grad():
+        layer.lora_B["default"].weight.copy_(torch.randn(5, 2))
+    probe = RankProbeCallback(model, [0], ["proj"])
+    assert probe.update_ranks() == {"proj": 0.0}
+    with torch.no_grad():
+        layer.lora_A["default"].weight.add_(1e-3 * torch.randn(2, 6))  # one small real step
+    assert probe.update_ranks()["proj"] > 1.0
+
+
 def test_probe_full_ft_rank_one_update_and_masked_output_covariance() -> None:
     torch.manual_seed(0)
     model = Toy()
