@@ -137,6 +137,13 @@ def markdown(results: dict[str, list], args: argparse.Namespace) -> str:
         f"torch {torch.__version__}, {torch.get_num_threads()} threads. Each ratio compares two "
         "measurements taken in the same process; absolute times are this machine's.",
         "",
+        "Reading the statistics rows: block-wise collection (`method.stats_grouping=block`, the default)",
+        "re-runs the calibration forwards once per transformer block, each stopping after that block, so",
+        "its time grows with depth; in exchange it holds only one block's covariances, which is what lets",
+        "a 7B model's statistics fit (all-at-once would hold every layer's d_out x d_out matrix at once).",
+        "Where memory allows, `method.stats_grouping=all` gives the same statistics in one pass (a test",
+        "pins the equality).",
+        "",
     ]
     for model_name, rows in results.items():
         lines += [f"## {model_name} (calibration: {args.n} samples x {args.seq_len} tokens)", "",
