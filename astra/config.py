@@ -79,7 +79,9 @@ class NLGTaskConfig(TaskConfig):
     train_source: str = "auto"  # auto (Hub, else local) | hub | local
     local_train: list[str] = field(default_factory=list)  # files under data_dir: the offline training set
     local_note: str = ""  # how the local files differ from the paper's set (recorded in dataset_used)
-    eval_sets: list[str] = field(default_factory=list)  # gsm8k math500 math | humaneval mbpp | commonsense names
+    eval_sets: list[str] = field(
+        default_factory=list
+    )  # gsm8k math500 math | humaneval mbpp | commonsense names
     protocols: list[str] = field(default_factory=lambda: ["generation"])  # commonsense: generation, loglik
     prompt_style: str = "alpaca"  # alpaca | llm_adapters
     max_new_tokens: int | None = None  # overrides eval.max_new_tokens for this task (commonsense: 32)

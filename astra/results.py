@@ -48,7 +48,9 @@ class TrainInfo:
     step0_loss: float | None = None  # loss of the initialised model before any update
     base_loss: float | None = None  # loss of the untouched base model on the same batch
     init: dict[str, Any] = field(default_factory=dict)  # method diagnostics (per-layer spectra, ...)
-    rank_probes: list[dict[str, Any]] = field(default_factory=list)  # astra/probes.py: step + per-layer eranks
+    rank_probes: list[dict[str, Any]] = field(
+        default_factory=list
+    )  # astra/probes.py: step + per-layer eranks
 
 
 @dataclass

@@ -124,7 +124,9 @@ def execute(cfg: DictConfig, sig: str, tracker: Any, result: RunResult) -> None:
         "%s: init %.2fs, trainable %d / %d, loss base %.5f -> step 0 %.5f",
         method.name, info.init_seconds, info.trainable_params, info.total_params, info.base_loss, info.step0_loss,
     )  # fmt: skip
-    scalars = {k: v for k, v in report.extra.items() if isinstance(v, int | float | str)}  # calib tokens, cache
+    scalars = {
+        k: v for k, v in report.extra.items() if isinstance(v, int | float | str)
+    }  # calib tokens, cache
     tracker.summary({"init_seconds": info.init_seconds, "trainable_params": info.trainable_params,
                      "base_loss": info.base_loss, "step0_loss": info.step0_loss, **scalars})  # fmt: skip
 
@@ -132,7 +134,9 @@ def execute(cfg: DictConfig, sig: str, tracker: Any, result: RunResult) -> None:
     periodic = PeriodicEvalCallback(task, cfg.eval, cfg.trainer.eval_every, sink=tracker.log)
     run_dir = str(Path(cfg.paths.output_dir) / cfg.sweep.name / sig)
     rank_probe = make_rank_probe(model, task, cfg, sink=tracker.log)
-    info.wall_seconds = train(model, task, cfg, run_dir, [history, periodic] + ([rank_probe] if rank_probe else []))
+    info.wall_seconds = train(
+        model, task, cfg, run_dir, [history, periodic] + ([rank_probe] if rank_probe else [])
+    )
     info.history, info.peak_memory_mb = history.history, peak_memory_mb()
     info.rank_probes = rank_probe.records if rank_probe else []
 

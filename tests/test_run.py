@@ -96,7 +96,9 @@ def test_wandb_offline_run(compose, tmp_path):
 
 
 def test_code_task_without_permission_fails_before_training(compose, tmp_path):
-    cfg = compose(["model=tiny-llama", "task=code", "method=lora", "trainer.max_steps=2", "task.train_limit=8"])
+    cfg = compose(
+        ["model=tiny-llama", "task=code", "method=lora", "trainer.max_steps=2", "task.train_limit=8"]
+    )
     with pytest.raises(PermissionError, match="allow_code_execution"):
         run_experiment(cfg)
     (path,) = result_files(tmp_path)
