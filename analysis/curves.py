@@ -93,13 +93,18 @@ def plot_curves(runs: Sequence[RunResult], path: Path, title: str, smooth: float
                 else:
                     ax.ticklabel_format(axis="y", useOffset=False)
         smooth_note = f", EMA smoothing {smooth}" if smooth else ""
-        fig.suptitle(f"{title} (mean ± 1 std over seeds{smooth_note})", fontsize=10)
-        fig.tight_layout()
-        shared_legend(fig, axes)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path)
-        plt.close(fig)
+        save_figure(fig, axes, f"{title} (mean ± 1 std over seeds{smooth_note})", path)
     return path
+
+
+def save_figure(fig: plt.Figure, axes: list, suptitle: str, path: Path) -> None:
+    """Title, layout, one legend below the panels, PNG at `path`; the figure is closed."""
+    fig.suptitle(suptitle, fontsize=10)
+    fig.tight_layout()
+    shared_legend(fig, axes)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
 
 
 RANK_QUANTITIES = {"update": "ΔW = W_t − W_0", "adapter": "adapter s·BA", "output_cov": "output covariance"}
@@ -144,12 +149,7 @@ def plot_rank_probes(runs: Sequence[RunResult], path: Path, title: str) -> Path 
             ax.set_ylabel("effective rank (dimensions)")
             ax.ticklabel_format(axis="y", useOffset=False)
             ax.set_title(f"erank of {RANK_QUANTITIES[quantity]}")
-        fig.suptitle(f"{title} (mean over layers; mean ± 1 std over seeds)", fontsize=10)
-        fig.tight_layout()
-        shared_legend(fig, axes)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path)
-        plt.close(fig)
+        save_figure(fig, axes, f"{title} (mean over layers; mean ± 1 std over seeds)", path)
     return path
 
 

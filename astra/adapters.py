@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,9 +103,24 @@ def init_layers(peft_model: nn.Module, method: InitMethod, ctx: BuildContext, re
         from astra.stats import layer_statistics
 
         per_layer = layer_statistics(peft_model, layers, method.needs, ctx, report)
+    init_each(layers, per_layer, method, ctx.cfg.method, report)
+
+
+def init_each(
+    layers: dict[str, LoraLayer],
+    per_layer: Iterable[tuple[str, Any]],
+    method: InitMethod,
+    method_cfg: Any,
+    report: BuildReport,
+) -> None:
+    """`method.init(W, stats, spec)` for each `(name, stats)` as it arrives, written in at once.
+
+    Consuming lazily matters: a block-wise statistics stream collects block k+1 only after block k's
+    function-preserving inits are in, and each layer's statistics are freed after its init.
+    """
     for name, stats in per_layer:
         layer = layers[name]
-        init = method.init(layer.get_base_layer().weight, stats, layer_spec(name, layer, ctx.cfg.method))
+        init = method.init(layer.get_base_layer().weight, stats, layer_spec(name, layer, method_cfg))
         if init is not None:
             apply_init(layer, init)
             report.layers[name] = init.info

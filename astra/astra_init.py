@@ -32,7 +32,7 @@ from peft.tuners.tuners_utils import check_target_module_exists
 from peft.utils.other import get_pattern_key
 from torch import nn
 
-from astra.adapters import apply_init, layer_spec, lora_config, lora_layers
+from astra.adapters import init_each, lora_config, lora_layers
 from astra.config import MethodConfig
 from astra.methods import BuildContext, BuildReport, InitMethod, LoraInit, Timer, register
 from astra.stats import ACCUM_DTYPES, GROUPINGS, NORMALIZERS, SAMPLE_NORMS, stat_options, stream_covariances
@@ -325,13 +325,9 @@ class Astra(InitMethod):
             if m.rank_allocation == "effective_rank":
                 config.rank_pattern = self.allocated_pattern(eigens, targets, m, report)
             peft_model = get_peft_model(model, config)
-            for name, layer in lora_layers(peft_model).items():
-                base_name = name.removeprefix(PEFT_PREFIX)
-                init = self.init(
-                    layer.get_base_layer().weight, eigens.pop(base_name), layer_spec(name, layer, m)
-                )
-                apply_init(layer, init)
-                report.layers[name] = init.info
+            layers = lora_layers(peft_model)
+            per_layer = ((name, eigens.pop(name.removeprefix(PEFT_PREFIX))) for name in layers)
+            init_each(layers, per_layer, self, m, report)
         report.init_seconds = timer.seconds
         return peft_model, report
 

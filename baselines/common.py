@@ -17,7 +17,7 @@ from peft import LoraConfig, get_peft_model
 from peft.tuners.lora.layer import Linear as PeftLinear
 from torch import nn
 
-from astra.adapters import apply_init, layer_spec, lora_config, lora_layers
+from astra.adapters import init_each, lora_config, lora_layers
 from astra.methods import BuildContext, BuildReport, InitMethod, LoraInit, Timer
 
 ADAPTER = "default"
@@ -99,11 +99,9 @@ def wrap_and_init(
     attached them before wrapping) so each is freed right after its layer is initialised.
     """
     peft_model = get_peft_model(model, config or lora_config(method, ctx))
-    for name, layer in lora_layers(peft_model).items():
-        base = layer.get_base_layer()
-        init = method.init(base.weight, pop_stats(base), layer_spec(name, layer, ctx.cfg.method))
-        apply_init(layer, init)
-        report.layers[name] = init.info
+    layers = lora_layers(peft_model)
+    per_layer = ((name, pop_stats(layer.get_base_layer())) for name, layer in layers.items())
+    init_each(layers, per_layer, method, ctx.cfg.method, report)
     return peft_model
 
 
