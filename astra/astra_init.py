@@ -450,10 +450,3 @@ class AstraCode(Astra):
     per-forward max-scaled second moment, padding included, divided by the number of forwards."""
 
     name = "astra_code"
-
-
-def spectrum_energy(values: torch.Tensor, r: int, select: str) -> float:
-    """Fraction of trace(C) in the r selected eigen-directions (head/tail/middle) from the spectrum alone."""
-    d = values.numel()
-    idx = {"head": slice(d - r, d), "tail": slice(0, r), "middle": slice(d // 2, d // 2 + r)}[select]
-    return float(values[idx].double().sum() / values.double().sum())

@@ -19,7 +19,6 @@ from astra.astra_init import (
     effective_rank,
     layer_eigens,
     random_orthonormal,
-    spectrum_energy,
     take_rank,
 )
 from astra.calib import calibration_batches
@@ -34,6 +33,13 @@ def known_spectrum(d: int = 12, seed: int = 0) -> tuple[torch.Tensor, torch.Tens
     q = random_orthonormal(d, d, seed, torch.float64)
     lam = torch.linspace(0.1, 5.0, d, dtype=torch.float64) ** 2
     return (q * lam) @ q.T, q, lam
+
+
+def spectrum_energy(values: torch.Tensor, r: int, select: str) -> float:
+    """Fraction of trace(C) in the r selected eigen-directions (head/tail/middle) from the spectrum alone."""
+    d = values.numel()
+    idx = {"head": slice(d - r, d), "tail": slice(0, r), "middle": slice(d // 2, d // 2 + r)}[select]
+    return float(values[idx].double().sum() / values.double().sum())
 
 
 def projector(v: torch.Tensor) -> torch.Tensor:
