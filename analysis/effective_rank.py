@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Mapping
 
 import torch
 
@@ -108,16 +107,3 @@ def by_module_type(per_layer: Mapping[str, float]) -> dict[str, float]:
         groups[module_type(name)].append(float(value))
     order = [*MODULE_ORDER, "other"]
     return {kind: sum(groups[kind]) / len(groups[kind]) for kind in order if groups[kind]}
-
-
-def probe_rows(probes: Iterable[Mapping[str, Any]], quantity: str) -> list[dict[str, Any]]:
-    """Rows {step, <module type>: mean erank} of one probed `quantity` from a run's `train_info.rank_probes`.
-
-    quantity: `update` (dW = W_t - W_0), `adapter` (s B A) or `output_cov` (layer output covariance).
-    """
-    rows = []
-    for probe in probes:
-        per_layer = probe.get(quantity) or {}
-        if per_layer:
-            rows.append({"step": probe["step"], **by_module_type(per_layer)})
-    return rows

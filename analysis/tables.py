@@ -89,12 +89,6 @@ def column_value(run: RunResult, column: Column) -> float | None:
     return None
 
 
-def is_count(key: str) -> bool:
-    """Metric keys that are counts or speeds, not scores: `n_eval`, `gsm8k/n`, `throughput/...`."""
-    parts = key.split("/")
-    return parts[-1] == "n" or parts[-1].startswith("n_") or parts[0] == "throughput"
-
-
 def format_stat(stat: Stat, scale: float = 100.0, digits: int = 2) -> str:
     if stat.n == 0:
         return EMPTY

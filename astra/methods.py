@@ -8,7 +8,7 @@ once, here, for every method (`apply_init`).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -107,10 +107,3 @@ class Timer:
 
     def __exit__(self, *exc: object) -> None:
         self.seconds = time.perf_counter() - self.start
-
-
-def iter_target_linears(model: nn.Module, names: Iterable[str]) -> Iterator[tuple[str, nn.Linear]]:
-    wanted = set(names)
-    for name, module in model.named_modules():
-        if name in wanted and isinstance(module, nn.Linear):
-            yield name, module
