@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from astra.evaluate.metrics import compute_metrics
+from astra.models import eval_mode, model_device
 
 Example = dict[str, Any]
 
@@ -170,16 +171,16 @@ class GlueTask(Task):
 
     @torch.no_grad()
     def predict(self, model: torch.nn.Module, examples: list[Example], batch_size: int) -> np.ndarray:
-        model.eval()
-        device = next(model.parameters()).device
+        device = model_device(model)
         loader = DataLoader(
             [self.encode(e) for e in examples], batch_size=batch_size, collate_fn=self.collator()
         )
         outputs = []
-        for batch in loader:
-            batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
-            logits = model(**batch).logits.float()
-            outputs.append(logits[:, 0] if self.cfg.num_labels == 1 else logits.argmax(-1))
+        with eval_mode(model):
+            for batch in loader:
+                batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+                logits = model(**batch).logits.float()
+                outputs.append(logits[:, 0] if self.cfg.num_labels == 1 else logits.argmax(-1))
         return torch.cat(outputs).cpu().numpy()
 
     def evaluate(self, model: torch.nn.Module, eval_cfg: Any) -> dict[str, float]:

@@ -31,6 +31,7 @@ from analysis.effective_rank import (
     spectrum_effective_rank,
     storage_noise_floor,
 )
+from astra.models import eval_mode, model_device
 
 PEFT_PREFIX = "base_model.model."
 
@@ -172,16 +173,15 @@ class RankProbeCallback(TrainerCallback):
             return accumulate
 
         handles = [layer.register_forward_hook(hook(name)) for name, layer in self.layers.items()]
-        was_training, device = self.model.training, next(self.model.parameters()).device
-        self.model.eval()
+        device = model_device(self.model)
         try:
-            for batch in self.batches:
-                mask[0] = batch.get("attention_mask")
-                self.model(**{k: v.to(device) for k, v in batch.items()})
+            with eval_mode(self.model):
+                for batch in self.batches:
+                    mask[0] = batch.get("attention_mask")
+                    self.model(**{k: v.to(device) for k, v in batch.items()})
         finally:
             for handle in handles:
                 handle.remove()
-            self.model.train(was_training)
         ranks = {}
         for name, (s1, s2, n) in sums.items():
             mean = s1 / n

@@ -30,6 +30,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from astra.models import eval_mode, model_device
+
 KINDS = {"output_cov": "output", "input_cov": "input"}
 SAMPLE_NORMS = ("none", "max_abs")
 NORMALIZERS = ("tokens", "forwards")
@@ -142,10 +144,6 @@ class _StopForward(Exception):
     """Raised by a hook once every layer of the group has run: the rest of the model is skipped."""
 
 
-def _module_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     """The batch without labels (no loss is needed), on the model's device."""
     return {k: v.to(device) for k, v in batch.items() if k != "labels"}
@@ -174,22 +172,21 @@ def collect_group(
 
         return hook
 
-    was_training, device = model.training, _module_device(model)
+    device = model_device(model)
     handles = [mod.register_forward_hook(make_hook(name)) for name, mod in modules.items()]
     try:
-        model.eval()
-        for index, batch in enumerate(batches):
-            state.update(mask=batch.get("attention_mask"), batch=index, seen=set())
-            try:
-                model(**model_inputs(batch, device))
-            except _StopForward:
-                pass
-            if progress is not None:
-                progress.update(1)
+        with eval_mode(model):
+            for index, batch in enumerate(batches):
+                state.update(mask=batch.get("attention_mask"), batch=index, seen=set())
+                try:
+                    model(**model_inputs(batch, device))
+                except _StopForward:
+                    pass
+                if progress is not None:
+                    progress.update(1)
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
     missing = [name for name, acc in accs.items() if acc.second is None]
     if missing:
         raise RuntimeError(f"layers never ran during calibration: {missing}")

@@ -10,6 +10,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from astra.data import Task
+from astra.models import eval_mode, model_device
 
 
 class HistoryCallback(TrainerCallback):
@@ -80,12 +81,9 @@ def training_arguments(cfg: Any, output_dir: str) -> TrainingArguments:
 @torch.no_grad()
 def batch_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> float:
     """Loss of `model` on one collated batch, in eval mode (no dropout)."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    loss = model(**{k: v.to(device) for k, v in batch.items()}).loss.float().item()
-    model.train(was_training)
-    return loss
+    device = model_device(model)
+    with eval_mode(model):
+        return model(**{k: v.to(device) for k, v in batch.items()}).loss.float().item()
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

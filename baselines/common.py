@@ -61,10 +61,6 @@ def residual_init(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scalin
     return LoraInit(A=A, B=B, residual=residual.to(weight.dtype))
 
 
-def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 def calibration(
     ctx: BuildContext, method_name: str, limit: int | None = None
 ) -> list[dict[str, torch.Tensor]]:

@@ -26,9 +26,9 @@ from torch import nn
 from astra.adapters import lora_config
 from astra.config import MethodConfig
 from astra.methods import BuildContext, BuildReport, InitMethod, LoraInit, register
+from astra.models import model_device
 from baselines.common import (
     calibration,
-    model_device,
     peft_layer_init,
     residual_init,
     timed_build,

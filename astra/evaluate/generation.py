@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from astra.models import eval_mode, model_device
+
 
 @dataclass
 class GenerationStats:
@@ -37,16 +39,6 @@ def left_padding(tokenizer: PreTrainedTokenizerBase):
         yield tokenizer
     finally:
         tokenizer.padding_side = side
-
-
-@contextmanager
-def eval_mode(model: torch.nn.Module):
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:
@@ -75,7 +67,7 @@ def generate(
     output (batch * num_samples, prompt_len + new) of which the last `new` columns are generated.
     """
     stats = stats or GenerationStats()
-    device = next(model.parameters()).device
+    device = model_device(model)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
     outputs: dict[int, list[str]] = {}
     sampling = num_samples > 1
