@@ -15,6 +15,15 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+SIGNATURE_KEY = "signature"  # dataclass field metadata: False = the field cannot change a run's result
+
+
+def not_in_signature(default: Any = MISSING, **kwargs: Any) -> Any:
+    """A schema field left out of the run signature (caches, exact engine switches, workers, logging)."""
+    if default is not MISSING:
+        kwargs["default"] = default
+    return field(metadata={SIGNATURE_KEY: False}, **kwargs)
+
 
 @dataclass
 class ModelConfig:
