@@ -78,6 +78,119 @@ def training_arguments(cfg: Any, output_dir: str) -> TrainingArguments:
     )
 
 
+# --- causal-LM loss on the labelled positions only -------------------------------------------------
+IGNORE_INDEX = -100
+# Model types whose CausalLM forward is exactly `logits = lm_head(decoder(...).last_hidden_state)` and whose
+# loss is `ForCausalLMLoss` (no logit soft-capping or scaling), so the selected-position loss is the same
+# number. Others fall back to `model(**batch).loss`.
+PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo", "olmo2"})
+LOSS_CHUNK_TOKENS = 1024  # rows of logits alive at once: 1024 x 49,152 fp32 = 200 MB for SmolLM2
+
+
+def unwrap_peft(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside a PEFT wrapper (LoRA layers are injected into it in place)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def causal_lm_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Linear] | None:
+    """(decoder, lm_head) when `model` is a plain-head causal LM (see PLAIN_HEAD_MODEL_TYPES), else None."""
+    base = unwrap_peft(model)
+    config = getattr(base, "config", None)
+    if getattr(config, "model_type", None) not in PLAIN_HEAD_MODEL_TYPES or not hasattr(base, "lm_head"):
+        return None
+    head = base.lm_head
+    if type(head) is not torch.nn.Linear or getattr(config, "final_logit_softcapping", None):
+        return None  # a PEFT-wrapped or scaled head: the generic path keeps its semantics
+    return base.model, head
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(h_i W^T + b, t_i) computed chunk by chunk; the (n, vocab) logits never exist at once.
+
+    The gradient with respect to the logits, softmax - onehot, is formed in the forward pass for each
+    chunk and immediately contracted with W (for dL/dh) and h (for dL/dW), so backward only scales the
+    stored (n, d) and (vocab, d) gradients: the same arithmetic as autograd, without a recompute.
+    Logits are computed in the model dtype and upcast to (at least) fp32, as `ForCausalLMLoss` does.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk):  # noqa: ANN001, ANN205 (autograd API)
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = bias is not None and ctx.needs_input_grad[2]
+        acc = torch.promote_types(hidden.dtype, torch.float32)  # fp32 for bf16/fp16, fp64 stays fp64
+        grad_h = torch.zeros_like(hidden) if need_h else None
+        grad_w = torch.zeros_like(weight, dtype=acc) if need_w else None
+        grad_b = torch.zeros_like(bias, dtype=acc) if need_b else None
+        total = hidden.new_zeros((), dtype=acc)
+        for start in range(0, hidden.shape[0], chunk):
+            h, t = hidden[start : start + chunk], targets[start : start + chunk]
+            logits = torch.nn.functional.linear(h, weight, bias).to(acc)  # (c, vocab)
+            lse = torch.logsumexp(logits, dim=-1)  # (c,)
+            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            if need_h or need_w or need_b:
+                grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                grad[torch.arange(len(t)), t] -= 1.0
+                grad = grad.to(hidden.dtype)  # autograd casts it back to the logits' dtype too
+                if need_h:
+                    grad_h[start : start + chunk] = grad @ weight
+                if need_w:
+                    grad_w += grad.T.to(acc) @ h.to(acc)
+                if need_b:
+                    grad_b += grad.to(acc).sum(0)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: ANN001, ANN205
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        w_dtype, b_dtype = ctx.dtypes
+        grad_h = None if grad_h is None else grad_h * grad_out.to(grad_h.dtype)
+        grad_w = None if grad_w is None else (grad_w * grad_out).to(w_dtype)
+        grad_b = None if grad_b is None else (grad_b * grad_out).to(b_dtype)
+        return grad_h, grad_w, grad_b, None, None
+
+
+def causal_lm_loss(
+    parts: tuple[torch.nn.Module, torch.nn.Linear],
+    batch: dict[str, torch.Tensor],
+    num_items_in_batch: torch.Tensor | int | None = None,
+    chunk: int = LOSS_CHUNK_TOKENS,
+) -> torch.Tensor:
+    """`model(**batch).loss` of a plain-head causal LM, with the LM head applied to labelled positions only.
+
+    batch: input_ids / attention_mask (B, T) and labels (B, T), -100 where ignored. Position t predicts
+    labels[t + 1]; the mean runs over the labelled targets, or the sum is divided by
+    `num_items_in_batch` when the Trainer passes it (gradient accumulation), as `ForCausalLMLoss` does.
+    """
+    decoder, head = parts
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    hidden = decoder(**inputs, use_cache=False).last_hidden_state  # (B, T, d)
+    targets = batch["labels"][:, 1:].to(hidden.device)  # (B, T - 1)
+    keep = targets != IGNORE_INDEX
+    total = _LinearCrossEntropy.apply(hidden[:, :-1][keep], head.weight, head.bias, targets[keep], chunk)
+    denom = keep.sum() if num_items_in_batch is None else num_items_in_batch
+    return total / denom
+
+
+class AstraTrainer(Trainer):
+    """The shared `transformers.Trainer`; its causal-LM loss never forms logits of ignored positions.
+
+    For a 135M model at batch 16 x 512 the full-vocabulary logits are 1.6 GB per fp32 copy and most of
+    the rows (prompt, padding) carry label -100. Other models, label smoothing, a custom loss and
+    multi-process runs keep the stock `compute_loss`.
+    """
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
+        parts = causal_lm_parts(model)
+        if (parts is None or return_outputs or "labels" not in inputs or "shift_labels" in inputs
+                or self.label_smoother is not None or self.compute_loss_func is not None
+                or self.accelerator.num_processes > 1):  # fmt: skip
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        items = num_items_in_batch if self.model_accepts_loss_kwargs else None  # as the model would see it
+        return causal_lm_loss(parts, inputs, items)
+
+
 @torch.no_grad()
 def batch_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> float:
     """Loss of `model` on one collated batch, in eval mode (no dropout)."""
@@ -95,7 +208,7 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
 def train(model: torch.nn.Module, task: Task, cfg: Any, output_dir: str, callbacks: list) -> float:
     """Train with the shared Trainer; returns wall-clock seconds of `trainer.train()`."""
     args = training_arguments(cfg, output_dir)
-    trainer = Trainer(
+    trainer = AstraTrainer(
         model=model,
         args=args,
         train_dataset=task.train_dataset,
