@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -22,7 +20,9 @@ def tiny_llama(dtype: torch.dtype = torch.float64, seed: int = 0) -> LlamaForCau
 
 
 def lora(model: torch.nn.Module) -> torch.nn.Module:
-    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"]))
+    peft = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"])
+    )
     for name, p in peft.named_parameters():  # B = 0 at init would make A's gradient vanish: perturb it
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.1)
@@ -91,7 +91,9 @@ def test_num_items_in_batch_divides_the_sum_as_the_model_does():
 
 
 def test_fp32_equals_the_models_own_loss_within_rounding():
-    assert_same(lora(tiny_llama(torch.float32)), padded_batch(), chunk=7, rtol=1e-5, atol=1e-6, reference=hf_loss)
+    assert_same(
+        lora(tiny_llama(torch.float32)), padded_batch(), chunk=7, rtol=1e-5, atol=1e-6, reference=hf_loss
+    )
     assert_same(tiny_llama(torch.float32), padded_batch(), chunk=7, items=50, rtol=1e-5, atol=1e-6,
                 reference=hf_loss)  # fmt: skip
 
