@@ -1,29 +1,59 @@
-"""Calibration statistics: per-layer covariance of a linear layer's output (or input) activations.
+"""Calibration statistics of target linear layers: one engine for every data-driven init.
 
-One collection path for every data-driven init (Astra: output covariance; CorDA: input covariance):
-forward hooks on the target modules, registered and removed in `try/finally`, fed by the
-calibration batches. For a layer with activations `y` (one row per token, d columns):
+Kinds (`StatKind`): `output_cov` (Astra), `input_cov` (CorDA), `grad` (LoRA-GA's batch-averaged dL/dW).
+For a layer with activations `y` (one row per token, d columns) a covariance is
 
     C = (sum_t y_t y_t^T - [centered] (sum_t y_t)(sum_t y_t)^T / n_tokens) / normaliser
 
 - `centered`: subtract the token mean (paper Eq. 2: E[yy^T] - E[y]E[y]^T when normaliser = tokens);
 - `sample_norm=max_abs`: each calibration sample's rows divided by `abs(max(Y))` first (the
-  release's `output / torch.max(output).abs()`: the absolute value *of the maximum*, not max |Y|);
+  release's `output / torch.max(output).abs()`: the absolute value *of the maximum*, not max |Y|),
+  i.e. a per-sample weight `w_s = 1 / max(Y_s)^2` on its outer products and `1/|max(Y_s)|` on its sum;
 - `mask_padding`: drop padded positions (attention_mask = 0); the release keeps them;
 - `normalizer`: `tokens` (rows that entered the sum) or `forwards` (calibration samples; the release
   divides by its number of forward calls at batch size 1);
 - `accum_dtype`: fp32 | fp64 | model (the model's own dtype, the release's `use_float16_for_covariance`).
 
-Memory is bounded by collecting one group of layers (a transformer block) at a time: each group's
-forwards stop right after the group's last layer has run, and its covariances are handed to the
-consumer and dropped before the next group starts.
+**Shared input statistics** (`accumulate=auto`). Layers that read the same input tensor (q/k/v; gate/up)
+form a group. For `y = W x + b = W_aug x_aug` with `x_aug = [x; 1]` and `W_aug = [W | b]`:
+
+    sum_t w_s y_t y_t^T = W_aug (sum_t w_s x_aug x_aug^T) W_aug^T,   sum_t y_t/|m_s| = W_aug sum_t x_aug/|m_s|
+
+exactly, so the centred, normalised output covariance is `C_out = W_aug P W_aug^T` with `P` the same
+finish applied to the augmented input moment (`LayerStats.input_moment`). Per group the engine
+accumulates whichever costs fewer multiply-adds per token: one `(d_in+1)^2` input moment, or the
+direct `sum d_out^2` output moments (for SmolLM2: gate/up 0.33M vs 4.7M, q/k/v 0.33M vs 0.41M,
+o/down direct). With `sample_norm=max_abs` the weights differ per layer (each from its own output):
+the engine forms each sample's Gram `X_s^T X_s` once and adds `w_{l,s} X_s^T X_s` per layer (d_in^2
+per *sample*, not per token). `accumulate=direct` keeps output accumulation, and `accum_dtype=model`
+always does (bit-faithful to the release's bf16 rounding); the choice is exact, so not in the signature.
+
+**Engines.** `sequential` (default) calibrates as GPTQ/SparseGPT do: the inputs of the first block
+(hidden states and every keyword argument the block receives) are captured once by a forward
+pre-hook on the real model forward, which is then stopped; each block runs on the cached inputs
+(one calibration batch at a time) with hooks on its targets, its statistics are finished and
+yielded, and its outputs (taken during that same run) become the next block's inputs. Every
+calibration token passes every block once. **One pass suffices**: the outputs of block k are
+computed before block k's statistics are yielded, i.e. before the consumer can touch block k, so
+they are the *base* model's outputs; a function-preserving init written by the consumer would only
+reproduce them up to rounding, so a second run after the init could only add rounding, never
+remove a difference (pinned by `tests/test_stats.py::test_consumer_writes_do_not_change_later_statistics`,
+where the consumer even zeroes each block's weights). `forward` hooks all targets at once on full
+model forwards. Targets outside the blocks (pooler, classifier) and models whose blocks cannot run
+in isolation (per-layer attention kinds, a failing block call) use `forward`, automatically and logged.
+
+Non-finite values raise `NonFiniteStatisticsError` naming the layer and the calibration batch; an
+accumulator is checked once per batch (d^2, not per token: NaN/inf propagate into the sums).
 """
 
 from __future__ import annotations
 
+import inspect
+import logging
 import re
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from enum import StrEnum
 from typing import Any
 
 import torch
@@ -32,16 +62,54 @@ from tqdm.auto import tqdm
 
 from astra.models import eval_mode, model_device
 
+log = logging.getLogger("astra.stats")
+
+
+class StatKind(StrEnum):
+    none = "none"
+    output_cov = "output_cov"
+    input_cov = "input_cov"
+    grad = "grad"
+
+
+class SampleNorm(StrEnum):
+    none = "none"
+    max_abs = "max_abs"
+
+
+class Normalizer(StrEnum):
+    tokens = "tokens"
+    forwards = "forwards"
+
+
+class AccumDtype(StrEnum):
+    fp32 = "fp32"
+    fp64 = "fp64"
+    model = "model"
+
+
+class Accumulate(StrEnum):
+    auto = "auto"  # per group the cheaper of shared input moment / direct output moments (exact)
+    direct = "direct"  # output moments per layer (the release's arithmetic and rounding)
+
+
+class Engine(StrEnum):
+    sequential = "sequential"  # block by block on cached block inputs (one pass)
+    forward = "forward"  # hooks on all targets during full model forwards
+
+
 KINDS = {"output_cov": "output", "input_cov": "input"}
-SAMPLE_NORMS = ("none", "max_abs")
-NORMALIZERS = ("tokens", "forwards")
+SAMPLE_NORMS = tuple(SampleNorm)
+NORMALIZERS = tuple(Normalizer)
 ACCUM_DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "model": None}
-GROUPINGS = ("block", "all")
+GROUPINGS = ("block", "all")  # legacy `stream_covariances` grouping
+ACCUMULATES = tuple(Accumulate)
+CACHE_KWARGS = ("past_key_values", "past_key_value", "cache")  # never replayed into a block
 
 
 @dataclass(frozen=True)
 class StatOptions:
-    """How activations become a covariance (defaults: the paper's text)."""
+    """How activations become a statistic (defaults: the paper's text)."""
 
     side: str = "output"  # output | input activations of the module
     centered: bool = True
@@ -49,34 +117,115 @@ class StatOptions:
     mask_padding: bool = True
     normalizer: str = "tokens"
     accum_dtype: str = "fp32"
+    accumulate: str = "auto"  # auto | direct (exact either way: not in the run signature)
+    grad_micro_batch: int | None = None  # kind=grad: samples per backward (None: the calibration batch)
 
     def __post_init__(self) -> None:
         checks = [("side", self.side, ("output", "input")), ("sample_norm", self.sample_norm, SAMPLE_NORMS),
-                  ("normalizer", self.normalizer, NORMALIZERS), ("accum_dtype", self.accum_dtype, tuple(ACCUM_DTYPES))]  # fmt: skip
+                  ("normalizer", self.normalizer, NORMALIZERS), ("accum_dtype", self.accum_dtype, tuple(ACCUM_DTYPES)),
+                  ("accumulate", self.accumulate, ACCUMULATES)]  # fmt: skip
         for field_name, value, valid in checks:
             if value not in valid:
                 raise ValueError(f"statistics option {field_name}={value!r}; valid: {', '.join(valid)}")
+        if self.grad_micro_batch is not None and self.grad_micro_batch < 1:
+            raise ValueError(f"statistics option grad_micro_batch={self.grad_micro_batch} must be >= 1")
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Options that can change the statistic (accumulate / micro-batching are exact: left out)."""
+        d = asdict(self)
+        d.pop("accumulate")
+        d.pop("grad_micro_batch")
+        return {k: str(v) if isinstance(v, StrEnum) else v for k, v in d.items()}
 
 
 def stat_options(method_cfg: Any, kind: str = "output_cov") -> StatOptions:
     """Statistic options from a method config (fields it lacks take the paper's defaults)."""
-    if kind not in KINDS:
-        raise ValueError(f"statistics kind {kind!r} is not a covariance; valid: {', '.join(KINDS)}")
+    if kind not in tuple(StatKind):
+        raise ValueError(f"statistics kind {kind!r}; valid: {', '.join(StatKind)}")
     default = StatOptions()
     get = method_cfg.get if hasattr(method_cfg, "get") else lambda k, d: getattr(method_cfg, k, d)
-    fields = ("centered", "sample_norm", "mask_padding", "normalizer", "accum_dtype")
-    return StatOptions(side=KINDS[kind], **{f: get(f, getattr(default, f)) for f in fields})
+    fields = ("centered", "sample_norm", "mask_padding", "normalizer", "accum_dtype", "accumulate",
+              "grad_micro_batch")  # fmt: skip
+    values = {f: get(f, getattr(default, f)) for f in fields}
+    values = {k: str(v) if isinstance(v, StrEnum) else v for k, v in values.items()}
+    return StatOptions(side=KINDS.get(kind, "output"), **values)
 
 
-class NonFiniteActivationError(FloatingPointError):
-    """NaN or inf in calibration activations (names the layer and the calibration batch)."""
+class NonFiniteStatisticsError(FloatingPointError):
+    """NaN or inf in calibration statistics (names the layer and the calibration batch)."""
+
+
+NonFiniteActivationError = NonFiniteStatisticsError  # former name
+
+
+@dataclass
+class LayerStats:
+    """What a method's init/reduce receives for one layer.
+
+    matrix: output_cov (d_out, d_out) | input_cov (d_in, d_in) | grad (d_out, d_in), finished.
+    input_moment: output_cov formed from the shared input moment only: P ((d_in+1), (d_in+1)), the
+        finished (centred, normalised) moment of x_aug = [x; 1], with matrix = weight_aug P weight_aug^T.
+    weight_aug: [W | b] (d_out, d_in+1) in the accumulation dtype (b = 0 without a bias), with input_moment.
+    Input covariances of layers that share an input are the same tensor object (do not modify in place).
+    """
+
+    name: str
+    kind: str
+    matrix: torch.Tensor | None
+    tokens: int
+    samples: int
+    input_moment: torch.Tensor | None = None
+    weight_aug: torch.Tensor | None = None
+    route: str = "direct"  # direct | shared_input (how output_cov was accumulated)
+
+
+# --------------------------------------------------------------------------------------------
+# accumulators
+# --------------------------------------------------------------------------------------------
+
+
+def accum_dtype(options: StatOptions, model_dtype: torch.dtype) -> torch.dtype:
+    return ACCUM_DTYPES[options.accum_dtype] or model_dtype
+
+
+def keep_mask(name: str, y: torch.Tensor, mask: torch.Tensor | None, options: StatOptions) -> torch.Tensor:
+    """(batch, seq) bool: rows that enter the sums (all, unless mask_padding and a mask is given)."""
+    if not options.mask_padding or mask is None:
+        return torch.ones(y.shape[:2], dtype=torch.bool, device=y.device)
+    if tuple(mask.shape) != tuple(y.shape[:2]):
+        raise ValueError(
+            f"layer {name}: activations {tuple(y.shape)} do not align with the attention mask "
+            f"{tuple(mask.shape)}; set mask_padding=false for this layer's statistics"
+        )
+    return mask.to(device=y.device, dtype=torch.bool)
+
+
+def sample_max(y: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """max(Y) over each sample's kept rows: (batch,)."""
+    lowest = torch.finfo(y.dtype).min
+    return y.masked_fill(~keep[:, :, None], lowest).amax(dim=(1, 2))
+
+
+def as_3d(y: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(batch, seq, d): a per-sample output (pooler-like, (batch, d)) is one row per sample, unmasked."""
+    return (y.unsqueeze(1), None) if y.dim() == 2 else (y, mask)
+
+
+def check_finite(name: str, t: torch.Tensor, batch_index: int, what: str = "statistics") -> None:
+    if not torch.isfinite(t).all():
+        raise NonFiniteStatisticsError(
+            f"non-finite {what} (NaN or inf) in layer {name!r} at calibration batch {batch_index}"
+        )
+
+
+def finish(second: torch.Tensor, first: torch.Tensor, tokens: int, samples: int, o: StatOptions) -> torch.Tensor:
+    """(second - [centered] first first^T / tokens) / (tokens | samples)."""
+    scatter = second - torch.outer(first, first) / tokens if o.centered else second
+    return scatter / (tokens if o.normalizer == "tokens" else samples)
 
 
 class CovarianceAccumulator:
-    """Running sums for one layer: `sum y y^T` (d, d), `sum y` (d,), token and sample counts."""
+    """Direct running sums for one layer: `sum w y y^T` (d, d), `sum sqrt(w) y` (d,), token/sample counts."""
 
     def __init__(self, name: str, options: StatOptions):
         self.name, self.options = name, options
@@ -87,15 +236,12 @@ class CovarianceAccumulator:
 
     def add(self, y: torch.Tensor, mask: torch.Tensor | None, batch_index: int) -> None:
         """Accumulate activations `y` (batch, seq, d) or (batch, d); `mask` (batch, seq) of 0/1."""
-        if y.dim() == 2:  # a per-sample output (pooler-like): one row per sample, nothing to mask
-            y, mask = y.unsqueeze(1), None
-        dtype = ACCUM_DTYPES[self.options.accum_dtype] or y.dtype
+        y, mask = as_3d(y, mask)
+        dtype = accum_dtype(self.options, y.dtype)
         y = y.detach().to(dtype)
-        self._check_finite(y, batch_index, "activations")
-        keep = self._keep_mask(y, mask)  # (batch, seq) bool
+        keep = keep_mask(self.name, y, mask, self.options)
         if self.options.sample_norm == "max_abs":
-            y = y / self._sample_max(y, keep).abs()[:, None, None]
-            self._check_finite(y, batch_index, "activations after sample_norm=max_abs (max(Y) = 0?)")
+            y = y / sample_max(y, keep).abs()[:, None, None]
         rows = y[keep]  # (tokens, d)
         if self.second is None:
             d = rows.shape[-1]
@@ -105,48 +251,479 @@ class CovarianceAccumulator:
         self.first += rows.sum(0)
         self.tokens += rows.shape[0]
         self.samples += y.shape[0]
-
-    def _keep_mask(self, y: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        everything = torch.ones(y.shape[:2], dtype=torch.bool, device=y.device)
-        if not self.options.mask_padding or mask is None:
-            return everything
-        if tuple(mask.shape) != tuple(y.shape[:2]):
-            raise ValueError(
-                f"layer {self.name}: activations {tuple(y.shape)} do not align with the attention mask "
-                f"{tuple(mask.shape)}; set mask_padding=false for this layer's statistics"
-            )
-        return mask.to(device=y.device, dtype=torch.bool)
-
-    @staticmethod
-    def _sample_max(y: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """max(Y) over each sample's kept rows: (batch,)."""
-        lowest = torch.finfo(y.dtype).min
-        return y.masked_fill(~keep[:, :, None], lowest).amax(dim=(1, 2))
-
-    def _check_finite(self, y: torch.Tensor, batch_index: int, what: str) -> None:
-        if not torch.isfinite(y).all():
-            raise NonFiniteActivationError(
-                f"non-finite {what} (NaN or inf) in layer {self.name!r} at calibration batch {batch_index}"
-            )
+        check_finite(self.name, self.second, batch_index)  # NaN/inf in y propagate into the sum
+        check_finite(self.name, self.first, batch_index)
 
     def covariance(self) -> torch.Tensor:
         """C (d, d) in the accumulation dtype (see the module docstring for the formula)."""
         if self.second is None or self.tokens == 0:
             raise RuntimeError(f"layer {self.name!r} saw no calibration token (was it run by the model?)")
-        scatter = self.second
-        if self.options.centered:
-            scatter = scatter - torch.outer(self.first, self.first) / self.tokens
-        divisor = self.tokens if self.options.normalizer == "tokens" else self.samples
-        return scatter / divisor
+        return finish(self.second, self.first, self.tokens, self.samples, self.options)
+
+
+class SharedInputAccumulator:
+    """Augmented input moments of a group of layers reading one input (see the module docstring).
+
+    Without sample weights: one `sum x_aug x_aug^T` ((d_in+1)^2) shared by the group. With
+    `sample_norm=max_abs`: per layer `sum_s w_{l,s} X_s^T X_s` and `sum_s X_s^T 1 / |m_{l,s}|`, from one
+    Gram per sample.
+    """
+
+    def __init__(self, names: list[str], options: StatOptions):
+        self.names, self.options = names, options
+        self.weighted = options.sample_norm == "max_abs"
+        keys = names if self.weighted else ["*"]
+        self.second: dict[str, torch.Tensor] = dict.fromkeys(keys)  # (d_in+1, d_in+1)
+        self.first: dict[str, torch.Tensor] = dict.fromkeys(keys)  # (d_in+1,)
+        self.tokens = 0
+        self.samples = 0
+
+    def add(self, x: torch.Tensor, ys: dict[str, torch.Tensor], mask: torch.Tensor | None, batch_index: int) -> None:
+        """x (batch, seq, d_in) the shared input; ys: name -> (batch, seq, d_out) outputs (for the weights)."""
+        x, mask = as_3d(x, mask)
+        dtype = accum_dtype(self.options, x.dtype)
+        x = x.detach().to(dtype)
+        keep = keep_mask(self.names[0], x, mask, self.options)
+        x_aug = torch.cat([x, torch.ones_like(x[..., :1])], dim=-1) * keep[..., None]  # padded rows -> 0
+        if self.second[next(iter(self.second))] is None:
+            d = x_aug.shape[-1]
+            for k in self.second:
+                self.second[k] = torch.zeros(d, d, dtype=dtype, device=x.device)
+                self.first[k] = torch.zeros(d, dtype=dtype, device=x.device)
+        if self.weighted:
+            self._add_weighted(x_aug, ys, keep, dtype)
+        else:
+            flat = x_aug.reshape(-1, x_aug.shape[-1])
+            self.second["*"] += flat.T @ flat
+            self.first["*"] += flat.sum(0)
+        self.tokens += int(keep.sum())
+        self.samples += x.shape[0]
+        for k in self.second:
+            check_finite(k if k != "*" else self.names[0], self.second[k], batch_index)
+            check_finite(k if k != "*" else self.names[0], self.first[k], batch_index)
+
+    def _add_weighted(self, x_aug: torch.Tensor, ys: dict[str, torch.Tensor], keep: torch.Tensor, dtype) -> None:
+        scale = {}  # name -> (batch,) 1/|max(Y_s)| from the layer's own output
+        for name in self.names:
+            y, _ = as_3d(ys[name], None)
+            scale[name] = 1.0 / sample_max(y.detach().to(dtype), keep).abs()
+        for s in range(x_aug.shape[0]):  # one Gram per sample, shared by the group
+            gram = x_aug[s].T @ x_aug[s]
+            total = x_aug[s].sum(0)
+            for name in self.names:
+                self.second[name] += scale[name][s] ** 2 * gram
+                self.first[name] += scale[name][s] * total
+
+    def finished_moment(self, name: str) -> torch.Tensor:
+        """P ((d_in+1), (d_in+1)): the finished moment of x_aug as seen by layer `name`."""
+        key = name if self.weighted else "*"
+        if self.second[key] is None or self.tokens == 0:
+            raise RuntimeError(f"layer {name!r} saw no calibration token (was it run by the model?)")
+        return finish(self.second[key], self.first[key], self.tokens, self.samples, self.options)
+
+
+def weight_aug(layer: nn.Linear, dtype: torch.dtype) -> torch.Tensor:
+    """[W | b] (d_out, d_in+1) in `dtype` (b = 0 for a layer without bias)."""
+    w = layer.weight.detach().to(dtype)
+    b = layer.bias.detach().to(dtype) if layer.bias is not None else torch.zeros_like(w[:, 0])
+    return torch.cat([w, b[:, None]], dim=1)
+
+
+# --------------------------------------------------------------------------------------------
+# groups of layers reading one input: routing and finishing
+# --------------------------------------------------------------------------------------------
+
+
+class Collector:
+    """Hooks on target layers; pending (input, output) pairs are grouped by input identity and flushed
+    into accumulators when the hooks move on to another block and at the end of every forward."""
+
+    def __init__(self, targets: dict[str, nn.Linear], kind: str, options: StatOptions):
+        self.targets, self.kind, self.options = targets, kind, options
+        self.pending: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+        self.accs: dict[tuple[str, ...], Any] = {}  # group (names) -> accumulator(s)
+        self.group_of: dict[str, tuple[str, ...]] = {}
+        self.mask: torch.Tensor | None = None
+        self.batch_index = 0
+        self.seen: set[str] = set()
+        self.handles: list[Any] = []
+
+    def __enter__(self) -> Collector:
+        for name, layer in self.targets.items():
+            self.handles.append(layer.register_forward_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+        self.pending.clear()
+
+    def _hook(self, name: str):
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            y = output[0] if isinstance(output, tuple) else output
+            if self.pending and block_key(self.pending[-1][0]) != block_key(name):
+                self.flush()
+            self.pending.append((name, args[0], y))
+            self.seen.add(name)
+
+        return hook
+
+    def start_batch(self, mask: torch.Tensor | None, index: int) -> None:
+        self.mask, self.batch_index, self.seen = mask, index, set()
+
+    def flush(self) -> None:
+        """Group the pending layers by their input tensor and feed the accumulators."""
+        groups: list[list[tuple[str, torch.Tensor, torch.Tensor]]] = []
+        for item in self.pending:
+            for group in groups:
+                if group[0][1] is item[1]:
+                    group.append(item)
+                    break
+            else:
+                groups.append([item])
+        self.pending = []
+        for group in groups:
+            self._add_group(group)
+
+    def _add_group(self, group: list[tuple[str, torch.Tensor, torch.Tensor]]) -> None:
+        names = tuple(n for n, _, _ in group)
+        for n in names:
+            if self.group_of.setdefault(n, names) != names:
+                raise RuntimeError(f"layer {n} read a shared input with {self.group_of[n]}, now with {names}")
+        x, ys = group[0][1], {n: y for n, _, y in group}
+        acc = self.accs.get(names) or self.accs.setdefault(names, self._new_accumulator(names, x))
+        if isinstance(acc, SharedInputAccumulator):
+            acc.add(x, ys, self.mask, self.batch_index)
+        elif self.kind == "input_cov":
+            acc.add(x, self.mask, self.batch_index)
+        else:
+            for n in names:
+                acc[n].add(ys[n], self.mask, self.batch_index)
+
+    def _new_accumulator(self, names: tuple[str, ...], x: torch.Tensor) -> Any:
+        if self.kind == "input_cov":  # one input covariance for the whole group
+            return CovarianceAccumulator(names[0], self.options)
+        if self.route(names, x.dtype) == "shared_input":
+            return SharedInputAccumulator(list(names), self.options)
+        return {n: CovarianceAccumulator(n, self.options) for n in names}
+
+    def route(self, names: tuple[str, ...], model_dtype: torch.dtype) -> str:
+        """shared_input when its (d_in+1)^2 per token beats the direct sum of d_out^2 (output_cov)."""
+        if self.options.accumulate == "direct" or self.options.accum_dtype == "model":
+            return "direct"  # model dtype: the release's rounding is the point, keep its arithmetic
+        d_in = self.targets[names[0]].in_features
+        direct = sum(self.targets[n].out_features ** 2 for n in names)
+        return "shared_input" if (d_in + 1) ** 2 < direct else "direct"
+
+    def stats(self, names: list[str]) -> Iterator[tuple[str, LayerStats]]:
+        """Finish and release the statistics of `names` (every one must have run)."""
+        missing = [n for n in names if n not in self.group_of]
+        if missing:
+            raise RuntimeError(f"layers never ran during calibration: {missing}")
+        for name in names:
+            group = self.group_of[name]
+            acc = self.accs[group]
+            yield name, self._layer_stats(name, acc)
+            if name == group[-1]:
+                del self.accs[group]  # the group is complete: free its sums
+
+    def _layer_stats(self, name: str, acc: Any) -> LayerStats:
+        if isinstance(acc, SharedInputAccumulator):
+            P = acc.finished_moment(name)
+            W = weight_aug(self.targets[name], P.dtype).to(P.device)
+            C = W @ P @ W.T
+            C = (C + C.T) / 2  # exactly symmetric, as the direct sum is
+            check_finite(name, C, acc.samples)
+            return LayerStats(name, self.kind, C, acc.tokens, acc.samples, P, W, "shared_input")
+        single = acc if isinstance(acc, CovarianceAccumulator) else acc[name]
+        return LayerStats(name, self.kind, single.covariance(), single.tokens, single.samples)
+
+
+# --------------------------------------------------------------------------------------------
+# blocks
+# --------------------------------------------------------------------------------------------
+
+
+def block_key(name: str) -> str:
+    """The transformer block a layer belongs to: its name up to the first numeric component."""
+    match = re.match(r"(.*?\.\d+)(\.|$)", name)
+    return match.group(1) if match else name
+
+
+@dataclass
+class BlockPlan:
+    """The nn.ModuleList holding the targets, which targets each block holds, and the rest."""
+
+    path: str
+    blocks: nn.ModuleList
+    members: dict[int, list[str]]  # block index -> target names (model order)
+    outside: list[str]  # targets in no block (pooler, classifier, ...)
+
+
+def block_plan(model: nn.Module, targets: dict[str, nn.Linear]) -> BlockPlan | None:
+    """Blocks = the nn.ModuleList (LLaMA `model.layers`, BERT `encoder.layer`) holding most targets."""
+    found: dict[str, dict[int, list[str]]] = {}
+    for name in targets:
+        for m in re.finditer(r"\.(\d+)(?=\.)", name):
+            path = name[: m.start()]
+            if isinstance(model.get_submodule(path), nn.ModuleList):
+                found.setdefault(path, {}).setdefault(int(m.group(1)), []).append(name)
+                break
+    if not found:
+        return None
+    path = max(found, key=lambda p: sum(len(v) for v in found[p].values()))
+    inside = {n for names in found[path].values() for n in names}
+    return BlockPlan(path, model.get_submodule(path), dict(sorted(found[path].items())),
+                     [n for n in targets if n not in inside])  # fmt: skip
+
+
+def isolation_problem(model: nn.Module) -> str | None:
+    """Why the blocks cannot be replayed on one captured set of keyword arguments (None: they can)."""
+    config = getattr(model, "config", None)
+    kinds = set(getattr(config, "layer_types", None) or [])
+    if len(kinds) > 1:
+        return f"blocks receive different attention masks (layer_types {sorted(kinds)})"
+    if getattr(config, "is_encoder_decoder", False):
+        return "encoder-decoder model"
+    return None
 
 
 class _StopForward(Exception):
-    """Raised by a hook once every layer of the group has run: the rest of the model is skipped."""
+    """Raised by a hook once what it needed has run: the rest of the model is skipped."""
 
 
 def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     """The batch without labels (no loss is needed), on the model's device."""
     return {k: v.to(device) for k, v in batch.items() if k != "labels"}
+
+
+def forward_kwargs(model: nn.Module, batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, Any]:
+    kwargs: dict[str, Any] = model_inputs(batch, device)
+    if "use_cache" in inspect.signature(model.forward).parameters:
+        kwargs["use_cache"] = False  # a KV cache would be written into by replayed blocks
+    return kwargs
+
+
+def capture_block_inputs(
+    model: nn.Module, block: nn.Module, batches: list[dict[str, torch.Tensor]]
+) -> list[tuple[tuple, dict[str, Any]]]:
+    """(args, kwargs) the first block receives for each calibration batch, from the real forward."""
+    captured: list[tuple[tuple, dict[str, Any]]] = []
+
+    def pre_hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        kwargs = {k: (None if k in CACHE_KWARGS else v) for k, v in kwargs.items()}
+        captured.append((tuple(a.detach() if torch.is_tensor(a) else a for a in args), kwargs))
+        raise _StopForward
+
+    device = model_device(model)
+    handle = block.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        for batch in batches:
+            try:
+                model(**forward_kwargs(model, batch, device))
+            except _StopForward:
+                continue
+            raise RuntimeError("the model forward never called its first block")
+    finally:
+        handle.remove()
+    return captured
+
+
+def hidden_of(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def with_hidden(args: tuple, kwargs: dict[str, Any], hidden: torch.Tensor) -> tuple[tuple, dict[str, Any]]:
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+# --------------------------------------------------------------------------------------------
+# engines
+# --------------------------------------------------------------------------------------------
+
+
+def collect_statistics(
+    model: nn.Module,
+    targets: dict[str, nn.Linear],
+    kind: str,
+    batches: list[dict[str, torch.Tensor]],
+    options: StatOptions,
+    engine: str = "sequential",
+) -> Iterator[tuple[str, LayerStats]]:
+    """Yield `(name, LayerStats)` for every target, block by block in model order (see the module
+    docstring). Statistics are of the unmodified base model; the consumer may write
+    function-preserving inits into blocks already yielded."""
+    kind, engine = StatKind(kind), Engine(engine)
+    if kind == StatKind.none:
+        return
+    if kind == StatKind.grad:
+        yield from gradient_statistics(model, targets, batches, options)
+        return
+    if not targets:
+        raise ValueError("collect_statistics: no target layer")
+    plan = block_plan(model, targets) if engine == Engine.sequential else None
+    problem = isolation_problem(model) if plan is not None else None
+    if engine == Engine.sequential and (plan is None or problem):
+        log.info("statistics: sequential engine unavailable (%s); hooks on full forwards",
+                 problem or "targets in no nn.ModuleList of blocks")  # fmt: skip
+        plan = None
+    with torch.no_grad(), eval_mode(model):
+        if plan is None:
+            yield from forward_statistics(model, targets, kind, batches, options)
+            return
+        if plan.outside:
+            log.info("statistics: %d targets outside the blocks (%s, ...) use a hooked full forward",
+                     len(plan.outside), plan.outside[0])  # fmt: skip
+        yield from sequential_statistics(model, targets, kind, batches, options, plan)
+        if plan.outside:
+            yield from forward_statistics(model, {n: targets[n] for n in plan.outside}, kind, batches, options)
+
+
+def forward_statistics(
+    model: nn.Module, targets: dict[str, nn.Linear], kind: str, batches: list, options: StatOptions
+) -> Iterator[tuple[str, LayerStats]]:
+    """All targets hooked at once; one full forward per batch, stopped after the last target ran."""
+    collector = Collector(targets, kind, options)
+    device = model_device(model)
+    with torch.no_grad(), eval_mode(model), collector:
+        for index, batch in enumerate(tqdm(batches, desc=f"calibration {kind} (forward)", leave=False)):
+            collector.start_batch(batch.get("attention_mask"), index)
+            stop = _stop_when_all_seen(collector, targets)
+            try:
+                model(**forward_kwargs(model, batch, device))
+            except _StopForward:
+                pass
+            finally:
+                stop.remove()
+            collector.flush()
+    yield from collector.stats(list(targets))
+
+
+def _stop_when_all_seen(collector: Collector, targets: dict[str, nn.Linear]) -> Any:
+    """A hook (after the collector's) that stops the forward once every target has run."""
+
+    def hook(module: nn.Module, args: tuple, output: Any) -> None:
+        if len(collector.seen) == len(targets):
+            raise _StopForward
+
+    handles = [layer.register_forward_hook(hook) for layer in targets.values()]
+
+    class Handles:
+        def remove(self) -> None:
+            for h in handles:
+                h.remove()
+
+    return Handles()
+
+
+def sequential_statistics(
+    model: nn.Module, targets: dict[str, nn.Linear], kind: str, batches: list, options: StatOptions,
+    plan: BlockPlan,
+) -> Iterator[tuple[str, LayerStats]]:  # fmt: skip
+    """Capture block 0's inputs once, then run block by block (see the module docstring)."""
+    first = min(plan.members)
+    inputs = capture_block_inputs(model, plan.blocks[first], batches)
+    progress = tqdm(total=(max(plan.members) - first + 1) * len(batches), desc=f"calibration {kind}", leave=False)
+    try:
+        for index in range(first, max(plan.members) + 1):
+            block, names = plan.blocks[index], plan.members.get(index, [])
+            collector = Collector({n: targets[n] for n in names}, kind, options)
+            with collector:
+                for b, (args, kwargs) in enumerate(inputs):
+                    collector.start_batch(batches[b].get("attention_mask"), b)
+                    out = block(*args, **kwargs)
+                    out = out[0] if isinstance(out, tuple) else out
+                    collector.flush()
+                    inputs[b] = with_hidden(args, kwargs, out.detach().to(hidden_of(args, kwargs).dtype))
+                    progress.update(1)
+            yield from collector.stats(names)
+            del collector
+    finally:
+        progress.close()
+        inputs.clear()
+
+
+# --------------------------------------------------------------------------------------------
+# gradients (LoRA-GA)
+# --------------------------------------------------------------------------------------------
+
+
+def loss_weights(batch: dict[str, torch.Tensor], size: int) -> list[tuple[slice, float]]:
+    """Micro-batches of a batch and the weight of each micro-batch's mean loss in the batch's mean loss.
+
+    Token labels (batch, seq) (causal LM, shifted inside the model): weight = the micro-batch's
+    labelled next-token positions / the batch's; per-sample labels: its samples / the batch's.
+    """
+    labels = batch["labels"]
+    n = labels.shape[0]
+    if labels.dim() >= 2 and labels.shape[:2] == batch["input_ids"].shape[:2]:
+        counts = (labels[:, 1:] != -100).sum(1).double()
+    else:
+        counts = torch.ones(n, dtype=torch.float64)
+    total = float(counts.sum())
+    if total == 0:
+        raise ValueError("a gradient calibration batch has no labelled token")
+    return [(slice(i, i + size), float(counts[i : i + size].sum()) / total) for i in range(0, n, size)]
+
+
+def gradient_statistics(
+    model: nn.Module, targets: dict[str, nn.Linear], batches: list, options: StatOptions
+) -> Iterator[tuple[str, LayerStats]]:
+    """Batch-averaged dL/dW (d_out, d_in) per target, as PEFT's `preprocess_loraga` estimates it
+    (mean over calibration batches of the gradient of each batch's mean loss, model in eval mode).
+
+    Memory: one fp32 (d_out, d_in) sum per target; each weight's `.grad` is moved into its sum by a
+    post-accumulate hook and freed at once, and only target weights require grad, so autograd keeps
+    only the activations those weights need, for one micro-batch (`grad_micro_batch`).
+    """
+    if any("labels" not in b for b in batches):
+        raise ValueError("gradient statistics need labelled calibration batches (a loss to differentiate)")
+    sums = {n: torch.zeros_like(t.weight, dtype=torch.float32) for n, t in targets.items()}
+    by_param = {id(t.weight): n for n, t in targets.items()}
+    requires = {n: p.requires_grad for n, p in model.named_parameters()}
+    device = model_device(model)
+
+    def hook(param: torch.Tensor) -> None:
+        sums[by_param[id(param)]] += param.grad
+        param.grad = None
+
+    handles = []
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for t in targets.values():
+            t.weight.requires_grad_(True)
+            handles.append(t.weight.register_post_accumulate_grad_hook(hook))
+        with torch.enable_grad(), eval_mode(model):
+            for index, batch in enumerate(tqdm(batches, desc="calibration gradients", leave=False)):
+                size = options.grad_micro_batch or batch["input_ids"].shape[0]
+                for part, weight in loss_weights(batch, size):
+                    if weight == 0:
+                        continue  # no labelled token: its mean loss is 0/0 and weighs nothing
+                    micro = {k: v[part].to(device) for k, v in batch.items()}
+                    loss = model(**micro).loss
+                    check_finite("loss", loss.detach(), index, "loss")
+                    (loss * weight).backward()
+    finally:
+        for h in handles:
+            h.remove()
+        for n, p in model.named_parameters():
+            p.requires_grad_(requires[n])
+            p.grad = None
+    samples = sum(int(b["input_ids"].shape[0]) for b in batches)
+    tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in batches)
+    for name in list(sums):
+        grad = sums.pop(name) / len(batches)
+        check_finite(name, grad, len(batches) - 1, "gradient")
+        yield name, LayerStats(name, "grad", grad.to(targets[name].weight.dtype), tokens, samples)
+
+
+# --------------------------------------------------------------------------------------------
+# legacy entry points (kept until every consumer calls collect_statistics)
+# --------------------------------------------------------------------------------------------
 
 
 @torch.no_grad()
@@ -157,7 +734,7 @@ def collect_group(
     options: StatOptions,
     progress: Any = None,
 ) -> dict[str, CovarianceAccumulator]:
-    """Run every calibration batch through `model` and accumulate the statistics of `modules`."""
+    """Direct accumulators of `modules` over full forwards of every batch (one per layer)."""
     accs = {name: CovarianceAccumulator(name, options) for name in modules}
     state: dict[str, Any] = {"mask": None, "batch": 0, "seen": set()}
 
@@ -193,12 +770,6 @@ def collect_group(
     return accs
 
 
-def block_key(name: str) -> str:
-    """The transformer block a layer belongs to: its name up to the first numeric component."""
-    match = re.match(r"(.*?\.\d+)(\.|$)", name)
-    return match.group(1) if match else name
-
-
 def layer_groups(names: list[str], grouping: str = "block") -> list[list[str]]:
     """Layers grouped by transformer block (in model order), or one group of all of them."""
     if grouping not in GROUPINGS:
@@ -211,39 +782,37 @@ def layer_groups(names: list[str], grouping: str = "block") -> list[list[str]]:
     return list(groups.values())
 
 
+class _Finished:
+    """What `stream_covariances` yields: `.covariance()` and `.tokens` of a finished LayerStats."""
+
+    def __init__(self, stats: LayerStats):
+        self.stats, self.tokens, self.samples = stats, stats.tokens, stats.samples
+
+    def covariance(self) -> torch.Tensor:
+        return self.stats.matrix
+
+
 def stream_covariances(
     model: nn.Module,
     modules: dict[str, nn.Module],
     batches: list[dict[str, torch.Tensor]],
     options: StatOptions,
     grouping: str = "block",
-) -> Iterator[tuple[str, CovarianceAccumulator]]:
-    """Yield `(name, accumulator)` group by group; a group is collected only after the previous
-    group's accumulators were consumed, so a consumer may modify earlier layers (function-preserving
-    inits) and peak memory is one group's covariances."""
-    groups = layer_groups(list(modules), grouping)
-    progress = tqdm(
-        total=len(groups) * len(batches), desc=f"calibration {options.side} covariance", leave=False
-    )
-    try:
-        for group in groups:
-            accs = collect_group(model, {n: modules[n] for n in group}, batches, options, progress)
-            for name in group:
-                yield name, accs.pop(name)
-    finally:
-        progress.close()
+) -> Iterator[tuple[str, Any]]:
+    """Former API: `(name, accumulator-like)` through `collect_statistics` (block = sequential)."""
+    if grouping not in GROUPINGS:
+        raise ValueError(f"statistics grouping {grouping!r}; valid: {', '.join(GROUPINGS)}")
+    kind = "output_cov" if options.side == "output" else "input_cov"
+    engine = "sequential" if grouping == "block" else "forward"
+    linears = {n: (m.get_base_layer() if hasattr(m, "get_base_layer") else m) for n, m in modules.items()}
+    for name, stats in collect_statistics(model, linears, kind, batches, options, engine):
+        yield name, _Finished(stats)
 
 
 def layer_statistics(
     peft_model: nn.Module, layers: dict[str, nn.Module], kind: str, ctx: Any, report: Any
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Spine hook for `astra.adapters.init_layers`: `(layer_name, covariance (d, d))` per layer.
-
-    `layers` are the PEFT LoRA layers; at this point their output is `W x + b` (B = 0, or an
-    earlier function-preserving init), so block-by-block streaming sees the base model's activations.
-    Statistic options come from the method config (`stat_options`); calibration token counts go into
-    `report.extra`.
-    """
+    """Former spine hook: `(layer_name, covariance (d, d))` per PEFT LoRA layer."""
     if kind not in KINDS:
         raise ValueError(f"statistics kind {kind!r} is not collected here; valid: {', '.join(KINDS)}")
     if ctx.calib_batches is None:

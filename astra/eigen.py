@@ -1,0 +1,198 @@
+"""Spectral maths of layer statistics (pure functions; the Astra method imports these).
+
+`decompose(stats, eig_dtype)` returns all eigenpairs of a layer's statistic (ascending). For an
+output covariance formed from the shared input moment (`LayerStats.input_moment` P, (d_in+1)^2) with
+d_out > d_in + 1, `C = W_aug P W_aug^T` has rank <= d_in + 1; its range is computed from the
+(d_in+1)-sized problem, exactly:
+
+    P = L L^T (eigh, negative round-off clipped),  F = W_aug L = U S Q^T (thin SVD)  =>  C = U S^2 U^T
+
+so the range eigenpairs are (S^2, U) and the other d_out - k eigenvalues are 0 with eigenvectors any
+orthonormal basis of range(F)^perp; we take the deterministic complete-QR complement of U. That
+complement is the null space of W_aug^T (when P is non-singular): a tail selection there gives
+V^T W = 0, i.e. A = 0 and B spans directions the layer cannot produce. `decompose` reports it per
+layer (`info["null_dim"]`, `info["tail_is_null_space"]`) and warns once with the numbers.
+
+`boundary(eigens, r, select)` reports the eigengap at a selection boundary and flags it when the
+accumulation precision cannot resolve it (gap below `info["resolution"]`, an estimate of the
+accumulated matrix's rounding error: eps(accumulation dtype) * sqrt(tokens) * lambda_max; by
+Davis-Kahan the selected subspace is then not determined by the data).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import torch
+
+log = logging.getLogger("astra.eigen")
+
+
+class EigDtype(StrEnum):
+    fp32 = "fp32"
+    fp64 = "fp64"
+
+
+class Select(StrEnum):
+    tail = "tail"
+    head = "head"
+    middle = "middle"
+    random = "random"
+
+
+EIG_DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
+SELECTS = tuple(Select)
+_warned_null_space = False
+
+
+@dataclass
+class Eigens:
+    """All eigenpairs of one layer's statistic: values (d,) ascending, vectors (d, d) as columns."""
+
+    values: torch.Tensor
+    vectors: torch.Tensor
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _matrix(stats: Any) -> torch.Tensor:
+    return stats if isinstance(stats, torch.Tensor) else stats.matrix
+
+
+def decompose(stats: Any, eig_dtype: str = "fp32") -> Eigens:
+    """Eigenpairs of a `LayerStats` (or a symmetric matrix (d, d)) in `eig_dtype` (see the module doc)."""
+    if eig_dtype not in EIG_DTYPES:
+        raise ValueError(f"eig_dtype={eig_dtype!r}; valid: {', '.join(EIG_DTYPES)}")
+    dtype = EIG_DTYPES[eig_dtype]
+    matrix = _matrix(stats)
+    moment = getattr(stats, "input_moment", None)
+    w_aug = getattr(stats, "weight_aug", None)
+    d = matrix.shape[0]
+    if moment is not None and w_aug is not None and d > moment.shape[0]:
+        values, vectors, rank = range_eigens(w_aug.to(dtype), moment.to(dtype))
+        info = {"solver": "range", "range_dim": moment.shape[0], "null_dim": d - rank}
+    else:
+        values, vectors = torch.linalg.eigh(matrix.to(dtype))
+        info = {"solver": "eigh", "null_dim": 0}
+    tokens = getattr(stats, "tokens", 0)
+    info.update(spectrum_summary(values))
+    info["resolution"] = resolution(values, matrix.dtype, tokens)
+    info["tail_is_null_space"] = info["null_dim"] > 0
+    if info["null_dim"]:
+        _warn_null_space(getattr(stats, "name", "?"), d, info["null_dim"])
+    return Eigens(values, vectors, info)
+
+
+def range_eigens(w_aug: torch.Tensor, moment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(values (d_out,) ascending, vectors (d_out, d_out), k) of C = w_aug P w_aug^T via its range.
+
+    w_aug (d_out, m), P (m, m) PSD, m < d_out. The first d_out - k values are 0 (null space of C),
+    the last k are S^2 of F = w_aug L with P = L L^T.
+    """
+    lam, Q = torch.linalg.eigh((moment + moment.T) / 2)
+    L = Q * lam.clamp(min=0).sqrt()  # (m, m), P = L L^T
+    U, S, _ = torch.linalg.svd(w_aug @ L, full_matrices=False)  # U (d_out, m), S descending
+    k = U.shape[1]
+    complete, _ = torch.linalg.qr(U, mode="complete")  # (d_out, d_out): first k span range(U)
+    null = complete[:, k:]
+    values = torch.cat([torch.zeros(w_aug.shape[0] - k, dtype=S.dtype, device=S.device), (S**2).flip(0)])
+    vectors = torch.cat([null, U.flip(1)], dim=1)
+    return values, vectors, k
+
+
+def resolution(values: torch.Tensor, accum: torch.dtype, tokens: int) -> float:
+    """Estimated rounding error (spectral norm) of the accumulated statistic (see the module doc)."""
+    eps = torch.finfo(accum).eps if accum.is_floating_point else 0.0
+    return float(eps * max(tokens, 1) ** 0.5 * float(values.abs().max()))
+
+
+def _warn_null_space(name: str, d: int, null_dim: int) -> None:
+    global _warned_null_space
+    log.info("layer %s: d_out=%d, output covariance rank <= %d: its %d smallest eigenvalues are 0 "
+             "(null space of W^T; a tail selection there gives A = V^T W = 0)", name, d, d - null_dim, null_dim)  # fmt: skip
+    if not _warned_null_space:
+        _warned_null_space = True
+        warnings.warn(
+            f"layer {name}: d_out={d} exceeds the rank {d - null_dim} of its output covariance "
+            f"(C = W Cov(x) W^T): its {null_dim} smallest eigenvalues are exactly 0 and their eigenvectors "
+            "span the null space of W^T, so select=tail within them gives A = V^T W = 0 "
+            "(reported per layer as info['tail_is_null_space']; warned once)",
+            stacklevel=3,
+        )
+
+
+def boundary(eigens: Eigens, r: int, select: str) -> dict[str, Any]:
+    """Eigengap at the edge of a rank-r head/tail selection, and whether the accumulation resolves it."""
+    v, d = eigens.values.double(), eigens.values.shape[0]
+    if select not in ("head", "tail") or r >= d:
+        return {"gap": None, "relative_gap": None, "resolved": True}
+    inside, outside = (v[d - r], v[d - r - 1]) if select == "head" else (v[r - 1], v[r])
+    gap = float((inside - outside).abs())
+    scale = max(float(v.abs().max()), 1e-300)
+    return {"gap": gap, "relative_gap": gap / scale, "resolved": gap > eigens.info.get("resolution", 0.0)}
+
+
+def random_orthonormal(d: int, k: int, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A seeded random orthonormal basis (d, k): QR of a Gaussian matrix, signs fixed by R's diagonal."""
+    gen = torch.Generator().manual_seed(seed)
+    q, r = torch.linalg.qr(torch.randn(d, k, generator=gen, dtype=torch.float64))
+    return (q * torch.sign(torch.diagonal(r))).to(dtype)
+
+
+def candidate_columns(vectors: torch.Tensor, k: int, select: str, seed: int = 0) -> torch.Tensor:
+    """The k columns of `vectors` (d, d; ascending eigenvalues) that a rank-r <= k selection draws from.
+
+    head: Q[:, d-k:] (the release's "IPM" `V[:, -r:]` is its last r columns); tail: Q[:, :k] ("KPM");
+    middle: Q[:, d//2 : d//2 + k] (the release's other branch); random: a seeded orthonormal (d, k).
+    """
+    d = vectors.shape[0]
+    if not 1 <= k <= d:
+        raise ValueError(f"cannot select {k} eigenvectors of a {d}-dimensional covariance")
+    if select == "head":
+        return vectors[:, d - k :]
+    if select == "tail":
+        return vectors[:, :k]
+    if select == "middle":
+        if d // 2 + k > d:
+            raise ValueError(
+                f"select=middle takes columns {d // 2}..{d // 2 + k - 1} but the covariance is {d}x{d}"
+            )
+        return vectors[:, d // 2 : d // 2 + k]
+    if select == "random":
+        return random_orthonormal(d, k, seed, vectors.dtype).to(vectors.device)
+    raise ValueError(f"select={select!r}; valid: {', '.join(SELECTS)}")
+
+
+def effective_rank(values: torch.Tensor, eps: float = 1e-8) -> float:
+    """exp(entropy of the normalised spectrum), the release's `stable_effective_rank_fn`."""
+    s = values.float().clamp(min=eps)
+    p = s / s.sum()
+    return float(torch.exp(-(p * torch.log(p + eps)).sum()))
+
+
+def spectrum_summary(values: torch.Tensor) -> dict[str, Any]:
+    """Effective rank, condition number (None when lambda_min <= 0), numerical rank of a spectrum."""
+    v = values.double()
+    lo, hi = float(v.min()), float(v.max())
+    tol = hi * v.numel() * torch.finfo(values.dtype).eps
+    return {
+        "effective_rank": effective_rank(values),
+        "condition_number": hi / lo if lo > 0 else None,
+        "lambda_min": lo,
+        "lambda_max": hi,
+        "numerical_rank": int((v > tol).sum()),
+        "trace": float(v.sum()),
+    }
+
+
+def principal_angle_deg(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest principal angle (degrees) between the column spaces of a (d, r) and b (d, r)."""
+    qa, _ = torch.linalg.qr(a.double())
+    qb, _ = torch.linalg.qr(b.double())
+    s = torch.linalg.svdvals(qa.T @ qb).clamp(max=1.0)
+    # sin of the largest angle = ||(I - qa qa^T) qb||_2: accurate for tiny angles (acos of s is not)
+    sin = torch.linalg.matrix_norm(qb - qa @ (qa.T @ qb), ord=2).clamp(max=1.0)
+    return float(torch.rad2deg(torch.asin(sin))) if float(s.min()) > 0.5 else float(torch.rad2deg(torch.acos(s.min())))
