@@ -1,18 +1,156 @@
-"""Content-keyed cache: hit on equal options, miss on any changed option, nothing trusted by path."""
+"""Content-keyed cache: atomic streaming entries verified on read, concurrent writers, finite values only;
+the Astra build hits on equal options and misses on any changed option."""
 
 from __future__ import annotations
 
 import json
+import multiprocessing
+import threading
+from pathlib import Path
 
 import pytest
 import torch
 
-from astra.cache import TensorCache, cache_key, weight_fingerprint
+from astra.cache import NonFiniteCacheError, TensorCache, cache_key, weight_fingerprint
 from tests.conftest import requires_data
 from tests.test_astra_init import build
 
+MATERIAL = {"model": "m", "n": 4, "layers": ["a", "b"]}
+
+
+def layer_tensors(i: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(i)
+    return {"values": torch.randn(5, generator=gen), "vectors": torch.randn(5, 3, generator=gen)}
+
+
+def write(cache: TensorCache, material=MATERIAL, names=("a", "b")) -> None:
+    with cache.writer(material) as w:
+        for i, name in enumerate(names):
+            w.add(name, layer_tensors(i), {"tokens": 10 + i})
+
+
+def test_streaming_round_trip_is_lazy_and_ordered(tmp_path):
+    cache = TensorCache(tmp_path, "t")
+    assert cache.reader(MATERIAL) is None
+    write(cache)
+    reader = cache.reader(MATERIAL)
+    assert list(reader) == ["a", "b"] and len(reader) == 2
+    tensors, meta = reader["b"]
+    assert meta == {"tokens": 11}
+    assert all(torch.equal(tensors[k], layer_tensors(1)[k]) for k in ("values", "vectors"))
+    assert cache.reader({**MATERIAL, "n": 5}) is None  # another key
+    assert not [p for p in cache.dir.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_exception_inside_writer_leaves_no_entry(tmp_path):
+    cache = TensorCache(tmp_path, "t")
+    with pytest.raises(RuntimeError, match="crash"):
+        with cache.writer(MATERIAL) as w:
+            w.add("a", layer_tensors(0), {})
+            raise RuntimeError("crash")
+    assert cache.reader(MATERIAL) is None
+    assert list(cache.dir.iterdir()) == []
+
+
+def test_non_finite_is_never_cached(tmp_path):
+    cache = TensorCache(tmp_path, "t")
+    with pytest.raises(NonFiniteCacheError, match="'b'"):
+        with cache.writer(MATERIAL) as w:
+            w.add("a", layer_tensors(0), {})
+            w.add("b", {"values": torch.tensor([1.0, float("nan")])}, {})
+    assert cache.reader(MATERIAL) is None and list(cache.dir.iterdir()) == []
+    with pytest.raises(NonFiniteCacheError):
+        cache.save(MATERIAL, {"x": torch.tensor([float("inf")])}, {})
+
+
+def corrupt_layer(path: Path) -> None:
+    file = path / "layers" / "1.safetensors"
+    data = bytearray(file.read_bytes())
+    data[-3] ^= 0xFF
+    file.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["layer_bytes", "missing_checksum", "index_edited", "other_material"])
+def test_bad_entry_is_removed_with_a_warning_and_rebuilt(tmp_path, caplog, damage):
+    cache = TensorCache(tmp_path, "t")
+    write(cache)
+    path = cache.entry(MATERIAL)
+    if damage == "layer_bytes":
+        corrupt_layer(path)
+    elif damage == "missing_checksum":  # a writer that died before its last write
+        (path / "CHECKSUM").unlink()
+    else:
+        index = json.loads((path / "index.json").read_text())
+        if damage == "index_edited":
+            index["layers"][0]["meta"]["tokens"] = 99
+        else:  # material edited *and* checksum recomputed: the material check still refuses it
+            index["material"]["n"] = 99
+        (path / "index.json").write_text(json.dumps(index))
+        if damage == "other_material":
+            import hashlib
+
+            (path / "CHECKSUM").write_text(hashlib.sha256((path / "index.json").read_bytes()).hexdigest())
+    with caplog.at_level("WARNING", logger="astra.cache"):
+        assert cache.reader(MATERIAL) is None
+    assert "removed, it will be rebuilt" in caplog.text
+    assert not path.exists()
+    write(cache)  # rebuilt
+    assert cache.reader(MATERIAL)["a"][1] == {"tokens": 10}
+
+
+def test_second_writer_uses_the_first_writers_entry(tmp_path):
+    cache = TensorCache(tmp_path, "t")
+    with cache.writer(MATERIAL) as late:
+        late.add("a", {"values": torch.zeros(2)}, {"who": "late"})
+        write(cache, names=("a",))  # another writer commits first
+    reader = cache.reader(MATERIAL)
+    assert reader["a"][1] == {"tokens": 10}  # the first rename won; the late writer dropped its own
+    assert [p.name for p in cache.dir.iterdir()] == [cache.entry(MATERIAL).name]
+
+
+def test_concurrent_threads_write_one_valid_entry(tmp_path):
+    cache = TensorCache(tmp_path, "t")
+    barrier, errors = threading.Barrier(4), []
+
+    def worker() -> None:
+        try:
+            barrier.wait()
+            write(cache)
+        except Exception as err:  # noqa: BLE001 - collected and asserted below
+            errors.append(err)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert cache.reader(MATERIAL)["a"][1] == {"tokens": 10}
+    assert [p.name for p in cache.dir.iterdir()] == [cache.entry(MATERIAL).name]
+
+
+def _process_writer(root: str, barrier) -> None:
+    barrier.wait()
+    write(TensorCache(root, "t"))
+
+
+def test_concurrent_processes_write_one_valid_entry(tmp_path):
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(2)
+    procs = [ctx.Process(target=_process_writer, args=(str(tmp_path), barrier)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    cache = TensorCache(tmp_path, "t")
+    reader = cache.reader(MATERIAL)
+    assert reader is not None and list(reader) == ["a", "b"]
+    assert [p.name for p in cache.dir.iterdir()] == [cache.entry(MATERIAL).name]
+
 
 def test_tensor_cache_round_trip_and_verification(tmp_path):
+    """The former whole-entry API (load/save)."""
     cache = TensorCache(tmp_path, "t")
     material = {"model": "m", "n": 4, "layers": ["a", "b"]}
     assert cache.load(material) is None
@@ -68,8 +206,6 @@ CHANGES = [
     "method.normalizer=forwards",
     "method.accum_dtype=fp64",
     "method.eig_dtype=fp64",
-    "method.select=head",
-    "method.rank=4",
     "method.cache_covariances=true",
     "seed=1",  # another random tiny-bert: model identity and weights change
 ]
