@@ -5,14 +5,14 @@ and effective rank against step from the rank probes. One figure per sweep, one 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from analysis.effective_rank import MODULE_ORDER, by_module_type
-from analysis.store import get, group_runs
+from analysis.store import get, group_runs, method_of
 from analysis.style import line_styles, new_figure, paper_style, plt, shared_legend
+from astra.erank import MODULE_ORDER, by_module_type
 from astra.results import RunResult
 
 CURVE_KEYS = ("loss", "grad_norm")
@@ -47,7 +47,7 @@ def _ylabel(key: str, runs: Sequence[RunResult]) -> str:
         return "grad norm (L2, pre-clip)"
     if all(get(r, "task.num_labels") == 1 for r in runs):
         return "loss (MSE)"
-    if all(get(r, "task.family") == "glue" for r in runs):
+    if all(get(r, "task.head") == "seq_cls" for r in runs):  # one label per sequence
         return "loss (CE, nats/example)"
     return "loss (CE, nats/token)"  # causal LM on response tokens
 
@@ -69,8 +69,13 @@ def _tasks(runs: Sequence[RunResult]) -> list[str]:
     return sorted({str(get(r, "task.name")) for r in runs})
 
 
-def plot_curves(runs: Sequence[RunResult], path: Path, title: str, smooth: float = 0.0) -> Path | None:
-    """Loss (left) and grad-norm (right) per group, one row per task; None when no run has a history."""
+def plot_curves(
+    runs: Sequence[RunResult], path: Path, title: str, smooth: float = 0.0, methods: Iterable[str] = ()
+) -> Path | None:
+    """Loss (left) and grad-norm (right) per group, one row per task; None when no run has a history.
+
+    `methods`: every method whose colour must match other figures (see `analysis.style.line_styles`).
+    """
     tasks = [t for t in _tasks(runs) if any(r.train_info.history for r in runs if get(r, "task.name") == t)]
     if not tasks:
         return None
@@ -78,7 +83,7 @@ def plot_curves(runs: Sequence[RunResult], path: Path, title: str, smooth: float
         fig, axes = new_figure(len(tasks), len(CURVE_KEYS))
         for row, task in enumerate(tasks):
             groups = group_runs([r for r in runs if get(r, "task.name") == task and r.train_info.history])
-            styles = line_styles(list(groups))
+            styles = line_styles(list(groups), methods)
             for col, key in enumerate(CURVE_KEYS):
                 ax = axes[row * len(CURVE_KEYS) + col]
                 for label, members in groups.items():
@@ -127,7 +132,9 @@ def rank_series(runs: Sequence[RunResult], quantity: str) -> tuple[np.ndarray, n
     return np.array(common), values
 
 
-def plot_rank_probes(runs: Sequence[RunResult], path: Path, title: str) -> Path | None:
+def plot_rank_probes(
+    runs: Sequence[RunResult], path: Path, title: str, methods: Iterable[str] = ()
+) -> Path | None:
     """Effective rank against step per group, one panel per probed quantity; None without probes."""
     probed = [r for r in runs if r.train_info.rank_probes]
     quantities = [
@@ -136,7 +143,7 @@ def plot_rank_probes(runs: Sequence[RunResult], path: Path, title: str) -> Path 
     if not quantities:
         return None
     groups = group_runs(probed)
-    styles = line_styles(list(groups))
+    styles = line_styles(list(groups), methods)
     with paper_style():
         fig, axes = new_figure(1, len(quantities))
         for ax, quantity in zip(axes, quantities, strict=True):
@@ -157,14 +164,17 @@ def safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-")
 
 
-def sweep_figures(runs: Sequence[RunResult], sweep: str, out_dir: Path, smooth: float = 0.0) -> list[Path]:
+def sweep_figures(
+    runs: Sequence[RunResult], sweep: str, out_dir: Path, smooth: float = 0.0, methods: Iterable[str] = ()
+) -> list[Path]:
     """`<sweep>[__<model>]_curves.png` and `_rank.png` (when probed) for one sweep's runs, one per model."""
+    methods = {*methods, *(method_of(r) for r in runs)}
     models = sorted({str(get(r, "model.name")) for r in runs})
     written = []
     for model in models:
         model_runs = [r for r in runs if str(get(r, "model.name")) == model and r.ok]
         stem = safe_name(f"{sweep}__{model}" if len(models) > 1 else sweep)
         title = f"{sweep} / {model}"
-        written.append(plot_curves(model_runs, out_dir / f"{stem}_curves.png", title, smooth))
-        written.append(plot_rank_probes(model_runs, out_dir / f"{stem}_rank.png", title))
+        written.append(plot_curves(model_runs, out_dir / f"{stem}_curves.png", title, smooth, methods))
+        written.append(plot_rank_probes(model_runs, out_dir / f"{stem}_rank.png", title, methods))
     return [p for p in written if p is not None]

@@ -1,8 +1,8 @@
-"""`python -m analysis.report` (`make report`): one self-contained report per sweep of the results store.
+"""`python -m analysis.report` (`make report`): one self-contained report per sweep view of the results store.
 
 Writes `<out>/reports/<sweep>.html` (tables inline, figures embedded as base64 PNG: one file to mail or
-archive) and `<out>/reports/<sweep>.md` (figures linked from `<out>/figures/`). Sections: run status
-against the sweep file, setup (settings shared by all runs and the ablation axes), every table,
+archive) and `<out>/reports/<sweep>.md` (figures linked from `<out>/figures/`). Sections: state of the
+runs of the sweep's view (`analysis.status`), setup (settings shared by all runs and the ablation axes), every table,
 the loss / grad-norm and effective-rank figures, the function-preservation check at init, failed
 runs and provenance (git SHAs, packages, devices, data files).
 """
@@ -20,9 +20,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from analysis.curves import sweep_figures
-from analysis.store import Stat, ablation_axes, flatten, get, group_runs, load_runs, sweeps
-from analysis.tables import Table, format_stat, sweep_tables
-from astra.results import NON_RESULT_KEYS, RunResult
+from analysis.formats import EMPTY, MetricSpec
+from analysis.status import STATES, sweep_status
+from analysis.store import Stat, ablation_axes, flatten, get, group_runs, load_runs, method_of
+from analysis.tables import Table, sweep_tables
+from astra.results import RunResult, sweep_names
 
 SETUP_KEYS = (
     "model.name", "task.name", "task.train_limit", "task.max_length", "method.rank", "method.alpha",
@@ -38,24 +40,15 @@ CSS = (
 
 
 def status_section(sweep: str, results_dir: Path) -> list[str]:
-    """Expected runs of the sweep file (results looked up in `results_dir`), by state; ad-hoc sweeps have none."""
-    from analysis.status import expected_runs, sweep_names, unexpected_results
-
-    if sweep not in sweep_names():
-        return [f"No `conf/sweep/{sweep}.yaml`: the runs were launched without a sweep file."]
-    try:
-        runs = expected_runs(sweep, [f"paths.results_dir={results_dir}"])
-    except Exception as err:  # noqa: BLE001 (a report is still useful without the status)
-        return [f"Could not expand `conf/sweep/{sweep}.yaml`: {err}"]
+    """Runs of the sweep's view by state, and the ones that are not present."""
+    runs = sweep_status(results_dir, sweep)
     counts = Counter(r.state for r in runs)
-    lines = [f"{len(runs)} runs expected by `conf/sweep/{sweep}.yaml`: "
-             + ", ".join(f"{counts[s]} {s}" for s in ("present", "failed", "missing", "invalid"))]  # fmt: skip
-    lines += [f"- {r.state}: `{' '.join(r.overrides[:-1])}` {r.detail}" for r in runs if r.state != "present"]
-    stray = unexpected_results(runs)
-    if stray:
-        lines.append(f"{len(stray)} result file(s) here are not runs of the sweep file as it stands (launched with "
-                     f"extra overrides, or an older version of it): `python -m analysis.status {sweep} <overrides>` "
-                     "matches them.")  # fmt: skip
+    lines = [f"{len(runs)} runs in the view `{sweep}`: " + ", ".join(f"{counts[s]} {s}" for s in STATES)]
+    lines += [
+        f"- {r.state}: `{r.signature}` {r.describe()} {r.detail}".rstrip()
+        for r in runs
+        if r.state != "present"
+    ]
     return lines
 
 
@@ -76,6 +69,7 @@ def setup_section(runs: Sequence[RunResult]) -> list[str]:
 def init_table(runs: Sequence[RunResult]) -> Table:
     """Loss of the base model vs. the initialised model on the same batch: function preservation at step 0."""
     groups = group_runs(runs)
+    loss = MetricSpec("loss")
     cells = []
     for members in groups.values():
         base = Stat.of(r.train_info.base_loss for r in members)
@@ -85,9 +79,7 @@ def init_table(runs: Sequence[RunResult]) -> Table:
             for r in members
             if r.train_info.step0_loss is not None and r.train_info.base_loss is not None
         )
-        cells.append(
-            [format_stat(base, 1.0, 5), format_stat(step0, 1.0, 5), f"{gap.mean:.2e}" if gap.n else "-"]
-        )
+        cells.append([loss.cell(base), loss.cell(step0), f"{gap.mean:.2e}" if gap.n else EMPTY])
     note = "Same fixed training batch; methods that preserve the function at init have a difference ~ 0 (float round-off)."
     columns = ["base loss", "step-0 loss", "abs. difference (mean)"]
     return Table("init", "Function preservation at init", columns, list(groups), cells, set(), note)
@@ -116,8 +108,8 @@ def provenance_section(runs: Sequence[RunResult]) -> list[str]:
     lines.append(f"- devices: {', '.join(f'{k} x{v}' for k, v in devices.items())}")
     lines += [f"- dataset: {u}" for u in used]
     lines += [f"- data file `{p}` sha256 {h}..." for p, h in data]
-    ignored = ", ".join(NON_RESULT_KEYS)
-    lines.append(f"- run signatures hash the resolved config minus: {ignored}")
+    unsigned = sorted({path for r in runs for path in r.run_info.unsigned})
+    lines.append(f"- run signatures hash the resolved config minus: {', '.join(unsigned) or 'nothing'}")
     return lines
 
 
@@ -136,14 +128,17 @@ def embed_png(path: Path) -> str:
 
 
 def write_report(
-    runs: Sequence[RunResult], sweep: str, out_dir: Path, results_dir: Path
+    runs: Sequence[RunResult], sweep: str, out_dir: Path, results_dir: Path, methods: Sequence[str] = ()
 ) -> tuple[Path, Path]:
-    """`<out>/reports/<sweep>.md` and `.html` for one sweep's runs; figures go to `<out>/figures/`."""
+    """`<out>/reports/<sweep>.md` and `.html` for one sweep's runs; figures go to `<out>/figures/`.
+
+    `methods`: every method whose figure colour must stay fixed (default: those of `runs`).
+    """
     ok = [r for r in runs if r.ok]
     tables = [*sweep_tables(ok, sweep), init_table(ok)] if ok else []
-    figures = sweep_figures(ok, sweep, out_dir / "figures")
+    figures = sweep_figures(ok, sweep, out_dir / "figures", methods=methods)
     description = next((get(r, "sweep.description") for r in runs if get(r, "sweep.description")), "")
-    stamp = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    stamp = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     header = (
         f"{description}\n\n".lstrip() + f"{len(runs)} result files ({len(ok)} successful); generated {stamp}."
     )
@@ -180,24 +175,28 @@ def write_report(
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        description="Write one self-contained report per sweep of the results store."
+        description="Write one self-contained report per sweep view of the results store."
     )
-    parser.add_argument("sweeps", nargs="*", help="sweep names (default: every sweep in the store)")
+    parser.add_argument("sweeps", nargs="*", help="sweep names (default: every sweep view in the store)")
     parser.add_argument("--results-dir", default=os.environ.get("ASTRA_RESULTS_DIR", "results"))
     parser.add_argument(
         "--out", default=None, help="writes <out>/reports and <out>/figures (default: results dir)"
     )
     args = parser.parse_args(argv)
-    runs = load_runs(args.results_dir)
-    wanted = args.sweeps or sweeps(runs)
+    results_dir = Path(args.results_dir).resolve()
+    views = sweep_names(results_dir)
+    wanted = args.sweeps or views
     if not wanted:
-        sys.exit(f"no results under {Path(args.results_dir).resolve()}: run a sweep first (e.g. `make demo`)")
+        sys.exit(f"no sweep views under {results_dir}: run a sweep first (e.g. `make demo`)")
+    unknown = [s for s in wanted if s not in views]
+    if unknown:
+        sys.exit(
+            f"no view for sweep(s) {', '.join(unknown)}; views in the store: {', '.join(views) or 'none'}"
+        )
+    methods = sorted({method_of(r) for r in load_runs(results_dir)})
     out = Path(args.out or args.results_dir)
     for sweep in wanted:
-        sweep_runs = [r for r in runs if r.run_info.sweep == sweep]
-        if not sweep_runs:
-            sys.exit(f"no results for sweep {sweep!r}; sweeps in the store: {', '.join(sweeps(runs))}")
-        for path in write_report(sweep_runs, sweep, out, Path(args.results_dir).resolve()):
+        for path in write_report(load_runs(results_dir, sweep), sweep, out, results_dir, methods):
             print(path)
 
 

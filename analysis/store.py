@@ -1,9 +1,18 @@
 """Read-side view of the results store shared by tables, curves, status and the report.
 
+Store layout (written by the pipeline, `astra.results`): `<results_dir>/runs/<signature>.json` holds one
+typed result per signature; `<results_dir>/views/<sweep>/<signature>` are empty markers, one per run a
+sweep expanded to; `<results_dir>/claims/<signature>.claim` marks a run in progress. A sweep is the set
+of its markers, so a run shared by two sweeps is one file read by both.
+
 Runs are grouped into table rows / plot lines: a group is one method plus the values of the config
 fields that vary *within* that method across the runs (the ablation axes: `method.select`,
 `method.rank`, `calib.n`, ...); seeds, tasks, models and fields that never change a result are not
 axes. Means and standard deviations are over the runs of a group (seeds).
+
+Method order (rows, legends) is derived from the names present: the paper's methods first in the
+paper's order (`PAPER_METHODS`, checked against the method registry by the tests), then any other
+method alphabetically -- a new method is never left out, it comes after the paper's.
 """
 
 from __future__ import annotations
@@ -11,38 +20,29 @@ from __future__ import annotations
 import math
 import re
 import statistics
-import sys
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from astra.results import NON_RESULT_KEYS, RunResult, read_result
+from astra.results import RunResult
+from astra.results import load_runs as load_store
 
-NOT_AXES = ("seed", "task", "model", "eval", *NON_RESULT_KEYS)
-# Paper order of rows: baselines first, Astra last (as in the paper's tables).
-METHOD_ORDER = (
+# never ablation axes: what varies across the cells of a table, and Hydra's own settings; each run's
+# `run_info.unsigned` paths (fields that cannot change a result) are left out as well
+NOT_AXES = ("seed", "task", "model", "eval", "hydra")
+# The paper's rows, baselines first and Astra last as in its tables. Only an ordering preference: a
+# method missing here still gets a row, a colour and a position (after these, alphabetically).
+PAPER_METHODS = (
     "full_ft", "lora", "dora", "olora", "pissa", "milora", "lora_ga", "corda", "eva", "astra_code", "astra",
 )  # fmt: skip
 
 
 def load_runs(results_dir: str | Path, sweep: str | None = None) -> list[RunResult]:
-    """Every readable result under `results_dir` (or its `sweep` folder); unreadable files are reported."""
-    root = Path(results_dir) / sweep if sweep else Path(results_dir)
-    runs = []
-    for path in sorted(root.rglob("*.json")) if root.exists() else []:
-        if path.name.startswith("."):
-            continue  # an atomic write in progress
-        try:
-            runs.append(read_result(path))
-        except (OSError, ValueError) as err:
-            print(f"[analysis] skipping unreadable result {path}: {err}", file=sys.stderr)
-    return runs
-
-
-def sweeps(runs: Iterable[RunResult]) -> list[str]:
-    return sorted({r.run_info.sweep for r in runs})
+    """Every trustworthy result of the store (or of one sweep's view); a file that cannot be read or
+    verified is named on stderr and left out, so one bad file never hides a table."""
+    return load_store(results_dir, sweep, strict=False)
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -71,20 +71,24 @@ def method_of(run: RunResult) -> str:
     return str(get(run, "method.name", "?"))
 
 
-def _is_axis(key: str) -> bool:
-    return not any(key == k or key.startswith(f"{k}.") for k in NOT_AXES)
+def _under(key: str, prefixes: Iterable[str]) -> bool:
+    return any(key == k or key.startswith(f"{k}.") for k in prefixes)
 
 
 def ablation_axes(runs: Sequence[RunResult]) -> list[str]:
     """Dotted config keys whose value differs between two runs of the same method (sorted)."""
     by_method: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    unsigned: set[str] = set()
     for run in runs:
         by_method[method_of(run)].append(flatten(run.run_info.config))
+        unsigned.update(run.run_info.unsigned)
     axes = set()
     for flats in by_method.values():
         # a key some runs lack comes from a schema change (a field added later), not an ablation
         keys = set.intersection(*(set(f) for f in flats)) if flats else set()
-        axes |= {k for k in keys if _is_axis(k) and len({repr(f[k]) for f in flats}) > 1}
+        axes |= {
+            k for k in keys if not _under(k, (*NOT_AXES, *unsigned)) and len({repr(f[k]) for f in flats}) > 1
+        }
     return sorted(axes)
 
 
@@ -113,7 +117,13 @@ def _natural(text: str) -> list[Any]:
 
 
 def method_rank(method: str) -> tuple[int, str]:
-    return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method)
+    """Sort key: paper methods by their paper position, every other method after them by name."""
+    return (PAPER_METHODS.index(method) if method in PAPER_METHODS else len(PAPER_METHODS), method)
+
+
+def method_order(methods: Iterable[str]) -> list[str]:
+    """Distinct method names in row / legend order (see the module docstring)."""
+    return sorted(set(methods), key=method_rank)
 
 
 def group_runs(runs: Sequence[RunResult], axes: Sequence[str] | None = None) -> dict[str, list[RunResult]]:
@@ -154,14 +164,12 @@ def mixed_keys(runs: Sequence[RunResult]) -> list[str]:
     sweep file), so its mean is not one experiment's: tables and reports say so.
     """
     by_cell: dict[tuple[Any, Any], list[dict[str, Any]]] = defaultdict(list)
+    skip = {"seed", "hydra"}
     for run in runs:
         by_cell[(get(run, "task.name"), get(run, "model.name"))].append(flatten(run.run_info.config))
+        skip.update(run.run_info.unsigned)
     keys = set()
     for flats in by_cell.values():
         union = set().union(*flats)
-        skip = ("seed", *NON_RESULT_KEYS)
-        keys |= {
-            k for k in union
-            if not any(k == s or k.startswith(f"{s}.") for s in skip) and len({repr(f.get(k)) for f in flats}) > 1
-        }  # fmt: skip
+        keys |= {k for k in union if not _under(k, skip) and len({repr(f.get(k)) for f in flats}) > 1}
     return sorted(keys)

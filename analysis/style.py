@@ -1,8 +1,16 @@
-"""One colour per method, the same in every figure; variants of a method (ablations) differ by line style."""
+"""One colour per method, the same in every figure; variants of a method (ablations) differ by line style.
+
+Colours are derived, never hand-listed per method: `method_colors(methods)` walks the methods in
+their stable order (`analysis.store.method_order`: the paper's methods first, then the rest by name)
+and gives each the next colour of a fixed palette; the paper's methods always take the first slots,
+so their colours do not depend on which other methods a figure shows. Past the palette, colours are
+generated (golden-angle hues) and still distinct.
+"""
 
 from __future__ import annotations
 
-import hashlib
+import colorsys
+from collections.abc import Iterable
 
 import matplotlib
 
@@ -10,43 +18,49 @@ matplotlib.use("Agg")  # figures are written to files; never needs a display
 
 from matplotlib import pyplot as plt  # noqa: E402
 
-# Okabe-Ito colour-blind-safe palette plus neutral shades; Astra gets the strongest colour.
-METHOD_COLORS: dict[str, str] = {
-    "astra": "#D55E00",  # vermillion
-    "astra_code": "#CC79A7",  # reddish purple
-    "lora": "#0072B2",  # blue
-    "pissa": "#009E73",  # bluish green
-    "lora_ga": "#E69F00",  # orange
-    "milora": "#56B4E9",  # sky blue
-    "dora": "#7F3C8D",  # purple
-    "corda": "#8C6D31",  # brown
-    "olora": "#3B7F5A",  # dark green
-    "eva": "#B8860B",  # dark goldenrod
-    "full_ft": "#404040",  # dark grey
-}
-FALLBACK = ("#1B9E77", "#7570B3", "#E7298A", "#66A61E", "#A6761D", "#666666", "#17BECF", "#BCBD22")
+from analysis.store import PAPER_METHODS, method_order  # noqa: E402
+
+# Okabe-Ito colour-blind-safe colours then darker neutrals, in the order of `PAPER_METHODS`
+# (full_ft dark grey, lora blue, ..., astra_code reddish purple, astra vermillion: the strongest last).
+PALETTE = (
+    "#404040", "#0072B2", "#7F3C8D", "#3B7F5A", "#009E73", "#56B4E9", "#E69F00", "#8C6D31", "#B8860B",
+    "#CC79A7", "#D55E00", "#1B9E77", "#7570B3", "#E7298A", "#66A61E", "#A6761D", "#17BECF", "#BCBD22",
+)  # fmt: skip
 LINE_STYLES = ("-", "--", ":", "-.", (0, (5, 1, 1, 1)), (0, (1, 2)))
 
 
-def method_color(method: str) -> str:
-    """A method's colour; methods not in the table get a stable colour from a hash of the name."""
-    if method in METHOD_COLORS:
-        return METHOD_COLORS[method]
-    return FALLBACK[int(hashlib.md5(method.encode()).hexdigest(), 16) % len(FALLBACK)]
+def generated_color(index: int) -> str:
+    """A colour for palette overflow: hue stepped by the golden angle, fixed saturation and value."""
+    r, g, b = colorsys.hsv_to_rgb((index * 0.618033988749895) % 1.0, 0.65, 0.75)
+    return "#" + "".join(f"{round(255 * c):02X}" for c in (r, g, b))
 
 
-def line_styles(labels: list[str]) -> dict[str, tuple[str, object]]:
-    """(colour, line style) per group label `method (axis=value, ...)`: colour by method, style by variant."""
+def method_colors(methods: Iterable[str]) -> dict[str, str]:
+    """A distinct colour for every method given (and for every paper method), by stable order."""
+    colors: dict[str, str] = {}
+    for index, method in enumerate(method_order([*PAPER_METHODS, *methods])):
+        color = PALETTE[index] if index < len(PALETTE) else generated_color(index)
+        while color in colors.values():  # a generated hue that rounds onto a used one
+            index += len(PALETTE)
+            color = generated_color(index)
+        colors[method] = color
+    return colors
+
+
+def line_styles(labels: list[str], methods: Iterable[str] = ()) -> dict[str, tuple[str, object]]:
+    """(colour, line style) per group label `method (axis=value, ...)`: colour by method, style by variant.
+
+    `methods`: every method whose colour should stay fixed (e.g. all methods of the store); the
+    methods of `labels` are always included.
+    """
+    colors = method_colors([*methods, *(label.split(" ")[0] for label in labels)])
     seen: dict[str, int] = {}
     styles = {}
     for label in labels:
         method = label.split(" ")[0]
         index = seen.get(method, 0)
         seen[method] = index + 1
-        styles[label] = (
-            shade(method_color(method), 0.18 * (index % 4)),
-            LINE_STYLES[index % len(LINE_STYLES)],
-        )
+        styles[label] = (shade(colors[method], 0.18 * (index % 4)), LINE_STYLES[index % len(LINE_STYLES)])
     return styles
 
 

@@ -5,28 +5,38 @@ HumanEval, MBPP, average), `commonsense_table` (eight tasks, average), the ablat
 (`ablation_select_table`, `ablation_rank_table`, `ablation_calib_table`), `sweep_table` (every metric
 of a sweep, init time and trainable parameters) and `rank_table` (effective rank by module type).
 
-Cells are `mean ± std` over seeds (sample std, ddof = 1; a single seed prints its value alone);
-task metrics are in percent. A cell without a successful run prints `-`, never a made-up number; an
-average is printed only when every task of its row is present. The best mean of a metric column
-is bold when at least two rows have a value.
+Cells are `mean ± std` over seeds (sample std, ddof = 1; a single run prints its value alone) in the
+format of the metric's declared kind (`analysis.formats`: fractions in percent, counts as integers,
+rates and seconds with their unit, an arrow for the direction in the header); the last column counts
+the row's seeds and a cell over fewer runs says `(n=k)`. A cell without a successful run prints `-`,
+never a made-up number; an average is printed only over the seeds that have every task of the row.
+The best mean of a column with a declared direction is bold when at least two rows have a value.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import re
 import sys
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from analysis.effective_rank import MODULE_ORDER, by_module_type
-from analysis.store import Stat, ablation_axes, get, group_runs, load_runs, mixed_keys, ordered, sweeps
-from astra.results import RunResult
-
-EMPTY = "-"
+from analysis.formats import EMPTY, MetricSpec, best_rows, common_spec
+from analysis.store import (
+    Stat,
+    ablation_axes,
+    get,
+    group_runs,
+    load_runs,
+    method_of,
+    mixed_keys,
+    ordered,
+)
+from astra.erank import MODULE_ORDER, by_module_type
+from astra.results import RunResult, sweep_names, sweep_signatures
 
 
 @dataclass(frozen=True)
@@ -72,28 +82,34 @@ def _norm(text: str) -> str:
     return re.sub(r"[^a-z0-9@]", "", text.lower())
 
 
-def column_value(run: RunResult, column: Column) -> float | None:
-    """The run's value for `column`, or None when the run did not evaluate that benchmark."""
-    metrics = {_norm(k): v for k, v in run.eval_info.metrics.items()}
+def column_entry(run: RunResult, column: Column) -> tuple[str, float] | None:
+    """(stored metric key, value) of the run for `column`, or None when the run did not evaluate it."""
+    metrics = {_norm(k): k for k in run.eval_info.metrics}
     names = column.metrics or (str(get(run, "task.main_metric", "accuracy")),)
-    for alias in column.aliases:
-        for name in names:
-            key = _norm(column.prefix) + _norm(alias) + _norm(name)
-            if key in metrics:
-                return float(metrics[key])
+    prefix = _norm(column.prefix)
+    candidates = [prefix + _norm(alias) + _norm(name) for alias in column.aliases for name in names]
     task = _norm(str(get(run, "task.name", "")).split("/")[-1])
-    if task in {_norm(a) for a in column.aliases}:
-        for name in names:
-            if _norm(column.prefix) + _norm(name) in metrics:
-                return float(metrics[_norm(column.prefix) + _norm(name)])
+    if task in {_norm(a) for a in column.aliases}:  # a single-task run names its metric without the task
+        candidates += [prefix + _norm(name) for name in names]
+    for key in candidates:
+        if key in metrics:
+            return metrics[key], float(run.eval_info.metrics[metrics[key]])
     return None
 
 
-def format_stat(stat: Stat, scale: float = 100.0, digits: int = 2) -> str:
-    if stat.n == 0:
-        return EMPTY
-    mean = f"{stat.mean * scale:.{digits}f}"
-    return mean if stat.n == 1 else f"{mean} ± {stat.std * scale:.{digits}f}"
+def column_value(run: RunResult, column: Column) -> float | None:
+    entry = column_entry(run, column)
+    return entry[1] if entry else None
+
+
+def column_spec(runs: Sequence[RunResult], column: Column) -> MetricSpec:
+    """The kind and direction the runs declare for the metric behind `column`."""
+    return common_spec((r, e[0]) for r in runs if (e := column_entry(r, column)) is not None)
+
+
+def seeds_of(runs: Sequence[RunResult]) -> int:
+    """Number of distinct seeds among `runs` (0 for none)."""
+    return len({repr(get(r, "seed")) for r in runs})
 
 
 @dataclass
@@ -126,7 +142,7 @@ class Table:
 
     def to_latex(self) -> str:
         def text(i: int, j: int) -> str:
-            cell = self.cells[i][j].replace(" ± ", "$_{\\pm ") + ("}$" if " ± " in self.cells[i][j] else "")
+            cell = latex_cell(self.cells[i][j])
             return f"\\textbf{{{cell}}}" if (i, j) in self.bold else cell
 
         lines = [
@@ -158,19 +174,20 @@ class Table:
         return f"<h3>{self.title}</h3><table><tr>{head}</tr>{''.join(body)}</table>{note}"
 
 
+LATEX_SYMBOLS = {"±": "$\\pm$", "↑": "$\\uparrow$", "↓": "$\\downarrow$", "×": "$\\times$"}
+
+
 def latex_escape(text: str) -> str:
-    return re.sub(r"([_%&#$])", r"\\\1", text).replace("±", "$\\pm$")
+    text = re.sub(r"([_%&#$])", r"\\\1", text)
+    for symbol, latex in LATEX_SYMBOLS.items():
+        text = text.replace(symbol, latex)
+    return text
 
 
-def best_cells(stats: list[list[Stat]], columns: Sequence[int]) -> set[tuple[int, int]]:
-    """(row, column) of the highest mean in each of `columns`, when at least two rows have a value."""
-    bold = set()
-    for j in columns:
-        values = [(s[j].mean, i) for i, s in enumerate(stats) if s[j].n]
-        if len(values) >= 2:
-            top = max(v for v, _ in values)
-            bold |= {(i, j) for v, i in values if v == top}  # ties: every best row
-    return bold
+def latex_cell(cell: str) -> str:
+    """`81.00 ± 1.41 (n=2)` -> `81.00$_{\\pm 1.41}$ (n=2)`: the std as a subscript, as papers print it."""
+    match = re.fullmatch(r"(\S+) ± (\S+)(.*)", cell)
+    return f"{match[1]}$_{{\\pm {match[2]}}}${match[3]}" if match else latex_escape(cell)
 
 
 def mix_note(groups: dict[str, list[RunResult]]) -> str:
@@ -180,25 +197,60 @@ def mix_note(groups: dict[str, list[RunResult]]) -> str:
     return f" WARNING: rows pooling runs with different settings: {'; '.join(parts)}." if parts else ""
 
 
+NOTE = ("Mean ± std over seeds (sample std); `(n=k)`: a cell over k runs, fewer than the row's seeds; "
+        "`-`: no successful run.")  # fmt: skip
+
+
+def _bold(stats: list[list[Stat]], specs: Sequence[MetricSpec]) -> set[tuple[int, int]]:
+    """(row, column) of the best mean of each column by its declared direction."""
+    bold = set()
+    for j, spec in enumerate(specs):
+        means = [(i, row[j].mean) for i, row in enumerate(stats) if row[j].n]
+        bold |= {(i, j) for i in best_rows(means, spec)}
+    return bold
+
+
+def average_stat(members: Sequence[RunResult], columns: Sequence[Column]) -> Stat:
+    """Mean over columns per seed, then mean ± std over the seeds that have every column."""
+    by_seed: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for run in members:
+        for j, column in enumerate(columns):
+            if (value := column_value(run, column)) is not None:
+                by_seed[repr(get(run, "seed"))][j].append(value)
+    complete = [cols for cols in by_seed.values() if len(cols) == len(columns)]
+    return Stat.of(sum(sum(v) / len(v) for v in cols.values()) / len(columns) for cols in complete)
+
+
+def average_spec(specs: Sequence[MetricSpec]) -> MetricSpec | None:
+    """The Avg column's format: only when every column prints on one scale with one direction."""
+    scales = {(s.scale, s.higher_is_better) for s in specs}
+    if len(specs) < 2 or len(scales) != 1 or not all(s.kind in ("fraction", "score") for s in specs):
+        return None
+    return MetricSpec(
+        "fraction" if all(s.kind == "fraction" for s in specs) else "score", specs[0].higher_is_better
+    )
+
+
 def benchmark_table(
     runs: Sequence[RunResult], columns: Sequence[Column], name: str, title: str, average: bool = True,
     groups: dict[str, list[RunResult]] | None = None, row_header: str = "Method",
 ) -> Table:  # fmt: skip
-    """Rows = groups of runs (method + ablation values), columns = benchmarks (+ Avg), cells in percent."""
+    """Rows = groups of runs (method + ablation values), columns = benchmarks (+ Avg) and seeds."""
     groups = group_runs(runs) if groups is None else groups
+    specs = [column_spec(runs, c) for c in columns]
     stats = [[Stat.of(column_value(r, c) for r in members) for c in columns] for members in groups.values()]
-    cells = [[format_stat(s) for s in row] for row in stats]
-    labels = [c.label for c in columns]
-    if average and len(columns) > 1:
-        labels.append("Avg")
-        for row_stats, row_cells in zip(stats, cells, strict=True):
-            complete = all(s.n for s in row_stats)
-            avg = Stat(sum(s.mean for s in row_stats) / len(row_stats), math.nan, 1) if complete else Stat()
-            row_stats.append(avg)
-            row_cells.append(format_stat(avg))
-    bold = best_cells(stats, range(len(labels)))
-    note = "Mean ± std over seeds, in percent; `-`: no successful run." + mix_note(groups)
-    return Table(name, title, labels, list(groups), cells, bold, note, row_header)
+    labels = [spec.header(c.label) for spec, c in zip(specs, columns, strict=True)]
+    avg_spec = average_spec(specs) if average else None
+    if avg_spec is not None:
+        labels.append(avg_spec.header("Avg"))
+        specs.append(avg_spec)
+        for row, members in zip(stats, groups.values(), strict=True):
+            row.append(average_stat(members, columns))
+    seeds = [seeds_of(members) for members in groups.values()]
+    cells = [[spec.cell(s, n) for spec, s in zip(specs, row, strict=True)] + [str(n)]
+             for row, n in zip(stats, seeds, strict=True)]  # fmt: skip
+    note = NOTE + mix_note(groups)
+    return Table(name, title, [*labels, "seeds"], list(groups), cells, _bold(stats, specs), note, row_header)
 
 
 def glue_table(runs: Sequence[RunResult]) -> Table:
@@ -261,12 +313,18 @@ def ablation_calib_table(runs: Sequence[RunResult]) -> Table | None:
     return ablation_table(runs, "calib", "ablation_calib", "Ablation: calibration data")
 
 
-def _metric_keys(runs: Sequence[RunResult]) -> list[tuple[str, str]]:
-    """(task, metric) pairs evaluated in `runs`, counts and speeds left out."""
-    keys = {
-        (str(get(r, "task.name")), k) for r in runs for k in r.eval_info.metrics if not k.startswith("n_")
+# Column order of the overview: quality metrics, then speeds and times, then counts, then undeclared.
+KIND_ORDER = ("fraction", "score", "loss", "rate", "seconds", "count", "")
+
+
+def _metric_columns(runs: Sequence[RunResult]) -> list[tuple[str, str, MetricSpec]]:
+    """(task, metric, spec) of every metric evaluated in `runs`, quality metrics first."""
+    keys = {(str(get(r, "task.name")), k) for r in runs for k in r.eval_info.metrics}
+    specs = {
+        key: common_spec((r, key[1]) for r in runs if str(get(r, "task.name")) == key[0]) for key in keys
     }
-    return sorted(keys)
+    order = sorted(keys, key=lambda key: (KIND_ORDER.index(specs[key].kind), key))
+    return [(task, metric, specs[(task, metric)]) for task, metric in order]
 
 
 def _params(stat: Stat, total: Stat) -> str:
@@ -276,8 +334,11 @@ def _params(stat: Stat, total: Stat) -> str:
     return f"{stat.mean:,.0f}{share}"
 
 
+INIT_SECONDS = MetricSpec("seconds")  # no direction: init cost is reported, not ranked
+
+
 def sweep_table(runs: Sequence[RunResult], expected: Sequence[str] = (), name: str = "overview") -> Table:
-    """Every metric of a sweep per group, plus init time (s) and trainable parameters.
+    """Every metric of a sweep per group (each in its kind's format), init time, trainable parameters.
 
     `expected`: group labels that must appear as rows even without a successful run (all `-`).
     """
@@ -285,29 +346,34 @@ def sweep_table(runs: Sequence[RunResult], expected: Sequence[str] = (), name: s
     for label in expected:
         groups.setdefault(label, [])
     groups = {label: groups[label] for label in ordered(groups)}
-    keys = _metric_keys(runs)
-    tasks = {task for task, _ in keys}
-    labels = [metric if len(tasks) == 1 else f"{task} {metric}" for task, metric in keys]
+    keys = _metric_columns(runs)
+    tasks = {task for task, _, _ in keys}
+    labels = [spec.header(metric if len(tasks) == 1 else f"{task} {metric}") for task, metric, spec in keys]
     stats, cells = [], []
     for members in groups.values():
-        row = [
-            Stat.of(r.eval_info.metrics.get(m) for r in members if get(r, "task.name") == t) for t, m in keys
-        ]
+        row = [Stat.of(r.eval_info.metrics.get(m) for r in members if str(get(r, "task.name")) == t)
+               for t, m, _ in keys]  # fmt: skip
         stats.append(row)
         init = Stat.of(r.train_info.init_seconds for r in members)
         params = Stat.of(r.train_info.trainable_params for r in members)
         total = Stat.of(r.train_info.total_params for r in members)
-        cells.append([format_stat(s) for s in row] + [format_stat(init, 1.0), _params(params, total)])
-    note = "Metrics: mean ± std over seeds, in percent; init: seconds to build the adapters; `-`: no run."
-    note += mix_note(groups)
-    columns = [*labels, "init (s)", "trainable params"]
-    return Table(name, "Results", columns, list(groups), cells, best_cells(stats, range(len(keys))), note)
+        n = seeds_of(members)
+        cells.append([spec.cell(s, n) for (_, _, spec), s in zip(keys, row, strict=True)]
+                     + [INIT_SECONDS.cell(init), _params(params, total), str(n)])  # fmt: skip
+    note = NOTE + " init: seconds to build the adapters (statistics included)." + mix_note(groups)
+    columns = [*labels, INIT_SECONDS.header("init"), "trainable params", "seeds"]
+    bold = _bold(stats, [spec for _, _, spec in keys])
+    return Table(name, "Results", columns, list(groups), cells, bold, note)
+
+
+ERANK = MetricSpec("dimensions")
+RANK_TITLES = {"update": "Effective rank of dW = W_T - W_0", "adapter": "Effective rank of the adapter s·BA",
+               "output_cov": "Effective rank of the output-activation covariance"}  # fmt: skip
 
 
 def rank_table(runs: Sequence[RunResult], quantity: str = "update") -> Table | None:
-    """Effective rank at the last probed step, by module type (mean over layers, mean ± std over seeds)."""
-    titles = {"update": "Effective rank of dW = W_T - W_0", "adapter": "Effective rank of the adapter s·BA",
-              "output_cov": "Effective rank of the output-activation covariance"}  # fmt: skip
+    """Roy-Vetterli effective rank at the last probed step, by module type (mean over layers, mean ± std
+    over seeds)."""
     probed = [r for r in runs if r.train_info.rank_probes]
     if not probed:
         return None
@@ -319,11 +385,14 @@ def rank_table(runs: Sequence[RunResult], quantity: str = "update") -> Table | N
         return None
     finals = {label: fs for label, fs in finals.items() if any(fs)}  # full FT has no adapter rows
     stats = [[Stat.of(f.get(k) for f in fs) for k in kinds] for fs in finals.values()]
-    cells = [[format_stat(s, 1.0) for s in row] for row in stats]
+    seeds = [seeds_of(groups[label]) for label in finals]
+    cells = [[ERANK.cell(s, n) for s in row] + [str(n)] for row, n in zip(stats, seeds, strict=True)]
     tasks = {get(r, "task.name") for r in probed}
     over = "runs (seeds and tasks)" if len(tasks) > 1 else "seeds"
     note = f"At the last probed step; mean over the layers of each type, mean ± std over {over}."
-    return Table(f"rank_{quantity}", titles[quantity], kinds, list(finals), cells, set(), note)
+    return Table(
+        f"rank_{quantity}", RANK_TITLES[quantity], [*kinds, "seeds"], list(finals), cells, set(), note
+    )
 
 
 PAPER_TABLES: tuple[Callable[[Sequence[RunResult]], Table | None], ...] = (
@@ -335,7 +404,7 @@ PAPER_TABLES: tuple[Callable[[Sequence[RunResult]], Table | None], ...] = (
 def tables_for(runs: Sequence[RunResult]) -> list[Table]:
     """Every table that has at least one value for these runs: overview, paper tables, ablations, ranks."""
     candidates = [sweep_table(runs), *(f(runs) for f in PAPER_TABLES)]
-    candidates += [rank_table(runs, q) for q in ("update", "adapter", "output_cov")]
+    candidates += [rank_table(runs, q) for q in RANK_TITLES]
     return [t for t in candidates if t is not None and t.has_values()]
 
 
@@ -368,18 +437,22 @@ def write_table(table: Table, out_dir: Path) -> list[Path]:
 
 
 def regenerate(results_dir: Path, out_dir: Path, smooth: float = 0.0) -> list[Path]:
-    """Every table (Markdown, LaTeX) and figure (PNG) of every sweep in the store; returns the files."""
+    """Every table (Markdown, LaTeX) and figure (PNG) of every sweep view in the store; returns the files.
+
+    Colours are assigned over every method in the store, so a method keeps its colour across sweeps.
+    """
     from analysis.curves import sweep_figures
 
-    runs = load_runs(results_dir)
+    everything = {r.run_info.signature: r for r in load_runs(results_dir)}
+    methods = {method_of(r) for r in everything.values()}
     written: list[Path] = []
     index = []
-    for sweep in sweeps(runs):
-        sweep_runs = [r for r in runs if r.run_info.sweep == sweep]
+    for sweep in sweep_names(results_dir):
+        sweep_runs = [everything[s] for s in sorted(sweep_signatures(results_dir, sweep)) if s in everything]
         for table in sweep_tables(sweep_runs, sweep):
             written += write_table(table, out_dir / "tables")
             index.append(table.to_markdown())
-        written += sweep_figures(sweep_runs, sweep, out_dir / "figures", smooth=smooth)
+        written += sweep_figures(sweep_runs, sweep, out_dir / "figures", smooth=smooth, methods=methods)
     if index:
         (out_dir / "tables").mkdir(parents=True, exist_ok=True)
         (out_dir / "tables" / "index.md").write_text("\n".join(index))

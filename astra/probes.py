@@ -23,7 +23,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 from transformers import TrainerCallback
 
-from analysis.effective_rank import (
+from astra.common import PEFT_PREFIX
+from astra.erank import (
     by_module_type,
     covariance_effective_rank,
     effective_rank,
@@ -32,8 +33,12 @@ from analysis.effective_rank import (
     storage_noise_floor,
 )
 from astra.models import eval_mode, model_device
+from astra.stats import CovarianceAccumulator, StatOptions
 
-PEFT_PREFIX = "base_model.model."
+# Output covariance of the probe set: centred, padding masked, per token, accumulated in float64.
+PROBE_STATS = StatOptions(
+    side="output", centered=True, mask_padding=True, normalizer="tokens", accum_dtype="fp64"
+)
 
 
 def _matches(name: str, targets: Sequence[str]) -> bool:
@@ -154,21 +159,22 @@ class RankProbeCallback(TrainerCallback):
 
     @torch.no_grad()
     def output_cov_ranks(self) -> dict[str, float]:
-        """erank of each layer's centred output covariance over the non-padding tokens of the probe set."""
+        """erank of each layer's centred output covariance over the non-padding tokens of the probe set.
+
+        The statistics engine's accumulator forms the covariance (float64, centred, divided by tokens),
+        on the CPU so that a probe never holds (d_out, d_out) buffers on the accelerator.
+        """
         if not self.batches:
             return {}
-        sums: dict[str, list] = {name: [0.0, 0.0, 0] for name in self.layers}  # sum y, sum y y^T, tokens
-        mask: list[torch.Tensor | None] = [None]
+        accumulators = {name: CovarianceAccumulator(name, PROBE_STATS) for name in self.layers}
+        current: dict[str, Any] = {"mask": None, "index": 0}
 
         def hook(name: str) -> Callable:
             def accumulate(module: nn.Module, inputs: Any, output: Any) -> None:
-                y = (output[0] if isinstance(output, tuple) else output).detach()
-                y = y.reshape(-1, y.shape[-1])  # (batch * seq, d_out)
-                if mask[0] is not None and mask[0].numel() == y.shape[0]:
-                    y = y[mask[0].reshape(-1).bool()]  # padding tokens carry no signal
-                y = y.double().cpu()
-                acc = sums[name]
-                acc[0], acc[1], acc[2] = acc[0] + y.sum(0), acc[1] + y.T @ y, acc[2] + y.shape[0]
+                y = (output[0] if isinstance(output, tuple) else output).detach().cpu()  # (batch, seq, d_out)
+                mask = current["mask"]
+                aligned = mask is not None and tuple(mask.shape) == tuple(y.shape[:2])
+                accumulators[name].add(y, mask.cpu() if aligned else None, current["index"])
 
             return accumulate
 
@@ -176,17 +182,13 @@ class RankProbeCallback(TrainerCallback):
         device = model_device(self.model)
         try:
             with eval_mode(self.model):
-                for batch in self.batches:
-                    mask[0] = batch.get("attention_mask")
+                for index, batch in enumerate(self.batches):
+                    current.update(mask=batch.get("attention_mask"), index=index)
                     self.model(**{k: v.to(device) for k, v in batch.items()})
         finally:
             for handle in handles:
                 handle.remove()
-        ranks = {}
-        for name, (s1, s2, n) in sums.items():
-            mean = s1 / n
-            ranks[name] = covariance_effective_rank(s2 / n - torch.outer(mean, mean))
-        return ranks
+        return {name: covariance_effective_rank(acc.covariance()) for name, acc in accumulators.items()}
 
     def record(self, step: int) -> None:
         if any(r["step"] == step for r in self.records):
