@@ -84,7 +84,9 @@ def calibration_examples(task: Any, cfg: Any) -> list[Example]:
 
 
 def is_classification(task: Any) -> bool:
-    return getattr(task.cfg, "family", None) == "glue"
+    """The task's declared head (task.head), else the GLUE family (configs without a head)."""
+    head = getattr(task.cfg, "head", None)
+    return str(head) == "seq_cls" if head is not None else getattr(task.cfg, "family", None) == "glue"
 
 
 def example_text(task: Any, example: Example, fmt: str) -> Text:

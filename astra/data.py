@@ -1,13 +1,14 @@
 """Tasks: data loading (local files under `paths.data_dir`, else the Hub), encoding, evaluation.
 
 A task family (`task.family`) is a `Task` subclass registered in `TASK_FAMILIES`. The GLUE family
-lives here; the NLG families (math, code, commonsense) register themselves from `astra.nlg`.
+lives here; the NLG families (math, code, commonsense) register themselves from `astra.nlg`. A task
+declares its model head (`task.head`) and its metrics with kind and direction (`task.metrics`); the
+family adds the bookkeeping metrics its code always reports (`builtin_metrics`: counts, throughput).
 """
 
 from __future__ import annotations
 
 import csv
-import hashlib
 import random
 from collections.abc import Callable, Sequence
 from functools import cached_property
@@ -19,18 +20,13 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
+from astra.common import sha256_file
+from astra.config import MetricSpec
 from astra.evaluate.metrics import compute_metrics
 from astra.models import eval_mode, model_device
+from astra.results import MetricKind, metric_specs
 
 Example = dict[str, Any]
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class MissingDataError(FileNotFoundError):
@@ -39,6 +35,8 @@ class MissingDataError(FileNotFoundError):
 
 class Task:
     """One task: its examples, how an example becomes training features, and how to evaluate."""
+
+    builtin_metrics: tuple[MetricSpec, ...] = ()  # reported by the family's code whatever the task declares
 
     def __init__(self, cfg: Any, tokenizer: PreTrainedTokenizerBase, data_dir: str | Path, seed: int = 0):
         self.cfg, self.tokenizer, self.data_dir, self.seed = cfg, tokenizer, Path(data_dir), seed
@@ -67,6 +65,10 @@ class Task:
         """Raise before training when `evaluate` would refuse `eval_cfg` (so no training is lost)."""
 
     # --- shared -------------------------------------------------------------------------------
+    def metric_specs(self, metrics: dict[str, float]) -> dict[str, dict[str, Any]]:
+        """{name: {kind, higher_is_better}} of each reported metric; raises on an undeclared one."""
+        return metric_specs(metrics, [*self.cfg.metrics, *self.builtin_metrics])
+
     def record_file(self, path: Path) -> None:
         self.data_files[str(path)] = sha256_file(path)
         self.dataset_used = self.dataset_used or str(path.parent)
@@ -127,6 +129,8 @@ def hub_split(hub_id: str, config: str, split: str, expected: Path) -> list[Exam
 class GlueTask(Task):
     """GLUE sentence(-pair) classification or regression (STS-B) with a sequence-classification head."""
 
+    builtin_metrics = (MetricSpec("n_eval", MetricKind.count),)
+
     def load_split(self, split: str) -> list[Example]:
         cfg = self.cfg
         stem = cfg.dev_split if split == "dev" else split
@@ -186,6 +190,7 @@ class GlueTask(Task):
     def evaluate(self, model: torch.nn.Module, eval_cfg: Any) -> dict[str, float]:
         examples = self.eval_examples[: eval_cfg.limit] if eval_cfg.limit else self.eval_examples
         predictions = self.predict(model, examples, eval_cfg.batch_size)
-        metrics = compute_metrics(self.cfg.metrics, predictions, [e["label"] for e in examples])
+        names = [spec.name for spec in self.cfg.metrics]
+        metrics = compute_metrics(names, predictions, [e["label"] for e in examples])
         metrics["n_eval"] = len(examples)
         return metrics

@@ -14,6 +14,8 @@ the one string between them both at training time and at generation time.
 
 from __future__ import annotations
 
+from enum import StrEnum
+
 ALPACA_NO_INPUT = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request."
     "\n\n### Instruction:\n{instruction}\n\n### Response:"
@@ -32,7 +34,14 @@ LLM_ADAPTERS_PROMPT = (
 )
 RESPONSE_SEP = " "  # between "### Response:" and the response text (alpaca style)
 COT_TRIGGER = "Let's think step by step."  # MetaMath eval_gsm8k.py / eval_math.py
-PROMPT_STYLES = ("alpaca", "llm_adapters")
+
+
+class PromptStyle(StrEnum):
+    alpaca = "alpaca"  # MetaMath / PiSSA training scripts
+    llm_adapters = "llm_adapters"  # LLM-Adapters' commonsense template, verbatim
+
+
+PROMPT_STYLES = tuple(PromptStyle)
 
 
 def alpaca_prompt(instruction: str, input_text: str = "", style: str = "alpaca") -> str:
@@ -41,7 +50,7 @@ def alpaca_prompt(instruction: str, input_text: str = "", style: str = "alpaca")
         if input_text:
             instruction = f"{instruction}\n\n{input_text}"
         return LLM_ADAPTERS_PROMPT.format(instruction=instruction)
-    if style != "alpaca":
+    if style != PromptStyle.alpaca:
         raise ValueError(f"prompt style {style!r}; valid: {', '.join(PROMPT_STYLES)}")
     if input_text:
         return ALPACA_WITH_INPUT.format(instruction=instruction, input=input_text)

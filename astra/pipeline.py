@@ -1,0 +1,305 @@
+"""One run = model, task, method (statistics, init), train, evaluate, result JSON; `astra.run` is its CLI.
+
+Run identity and the store (astra.results): a run is named by its signature (the hash of the config
+fields that can change its result). Before starting it marks itself in its sweep's view, skips when a
+successful result of its signature exists (computed by any sweep), and claims the signature atomically
+so that concurrent jobs never compute it twice. A failure is recorded as a `failed` result and re-run
+by the next pass of the sweep.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import importlib.metadata
+import logging
+import os
+import platform
+import resource
+import signal
+import subprocess
+import threading
+import time
+import traceback
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader
+
+from astra import config as schemas
+from astra import results as store
+from astra.data import Task, build_task
+from astra.methods import BuildContext, BuildReport, InitMethod, get_method
+from astra.models import load_model
+from astra.results import EvalInfo, MetaInfo, RunInfo, RunResult
+from astra.tracking import make_tracker
+from astra.trainer import HistoryCallback, PeriodicEvalCallback, batch_loss, count_parameters, train
+
+log = logging.getLogger("astra")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONF_DIR = REPO_ROOT / "conf"
+PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "hydra-core", "wandb", "lm-eval")
+
+
+# --- registry and config ------------------------------------------------------------------------------
+def load_registry() -> None:
+    """Import every module that registers methods, task families or schemas."""
+    import astra.methods
+    import astra.nlg  # noqa: F401  (registers the math, code and commonsense task families)
+
+    if hasattr(astra.methods, "load_methods"):
+        astra.methods.load_methods()
+    else:  # until astra.methods discovers its modules itself
+        import astra.astra_init  # noqa: F401
+        import baselines  # noqa: F401
+    schemas.register_all()
+
+
+def compose_config(overrides: list[str] | None = None) -> DictConfig:
+    """The run config Hydra would build for `astra-run <overrides>` (for tests and notebooks)."""
+    from hydra import compose, initialize_config_dir
+
+    load_registry()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides or []))
+
+
+def method_schema(name: str) -> type | None:
+    """The registered schema of method `name` (None for a method no longer registered)."""
+    try:
+        return type(get_method(name)).schema
+    except KeyError:
+        return None
+
+
+def unsigned_paths_of(config: dict[str, Any]) -> list[str]:
+    """Unsigned paths of a stored (plain) config under today's schemas (store migration)."""
+    return schemas.unsigned_paths(config, schemas.static_schema_at(config, method_schema))
+
+
+def migrate_store(results_dir: str | Path) -> int:
+    """Move schema-1 result files into the content-addressed layout; the number moved."""
+    if not store.legacy_files(results_dir):
+        return 0
+    load_registry()
+    moved = store.migrate_legacy(results_dir, unsigned_paths_of)
+    for old, sig in moved:
+        print(f"[astra] migrated {old} -> {store.run_path(results_dir, sig)}")
+    return len(moved)
+
+
+# --- run metadata -------------------------------------------------------------------------------------
+def git_state() -> tuple[str, bool]:
+    def git(*args: str) -> str:
+        out = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() if out.returncode == 0 else ""
+
+    return git("rev-parse", "HEAD"), bool(git("status", "--porcelain", "--untracked-files=no"))
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def device_name(cfg: DictConfig) -> str:
+    if cfg.device != "cpu" and torch.cuda.is_available():
+        return f"cuda:{torch.cuda.get_device_name()}"
+    return f"cpu:{platform.processor() or platform.machine()}"
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB -> MiB (process peak RSS)
+
+
+def now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+# --- the run ------------------------------------------------------------------------------------------
+def probe_batch(task: Task, size: int = 8) -> dict[str, torch.Tensor]:
+    """A fixed batch of training examples for the base-vs-initialised loss check."""
+    return next(iter(DataLoader(task.train_dataset[:size], batch_size=size, collate_fn=task.collator())))
+
+
+def warn_if_function_changed(method: InitMethod, base: float, step0: float, dtype: str) -> bool:
+    """Warn when a method that claims to preserve the model at init changed its loss beyond rounding."""
+    tolerance = (1e-4 if dtype == "float32" else 5e-2) * max(1.0, abs(base))  # bf16/fp16 round W_res
+    changed = method.preserves_function and abs(step0 - base) > tolerance
+    if changed:
+        log.warning("%s claims to preserve the model at init, but the loss moved %.6f -> %.6f (tolerance %.0e)",
+                    method.name, base, step0, tolerance)  # fmt: skip
+    return changed
+
+
+def build_context(cfg: DictConfig, task: Task, model_id: str) -> BuildContext:
+    def calib_batches():
+        from astra.calib import calibration_batches
+
+        return calibration_batches(task, cfg.calib)
+
+    return BuildContext(
+        cfg=cfg,
+        calib_batches=calib_batches,
+        task_type=str(cfg.task.head).upper(),  # seq_cls -> PEFT's SEQ_CLS, causal_lm -> CAUSAL_LM
+        cache_dir=cfg.paths.cache_dir,
+        model_id=model_id,
+    )
+
+
+def build_trainable(model: torch.nn.Module, method: InitMethod, ctx: BuildContext) -> tuple[Any, BuildReport]:
+    """The one build path (astra.build) once it exists; the method's own `build` until then."""
+    try:
+        from astra.build import build_trainable as build
+    except ImportError:
+        return method.build(model, ctx)
+    return build(model, method, ctx)
+
+
+def scratch_dir(cfg: DictConfig, sig: str) -> str:
+    return str(Path(cfg.paths.output_dir) / cfg.sweep.name / sig)
+
+
+def execute(cfg: DictConfig, sig: str, tracker: Any, result: RunResult) -> None:
+    """Fill `result` in place as the run proceeds, so a failure still records what happened."""
+    torch.manual_seed(cfg.seed)
+    model, tokenizer, model_id = load_model(cfg.model, cfg.task, cfg.paths.cache_dir, seed=cfg.seed)
+    task = build_task(cfg.task, tokenizer, cfg.paths.data_dir, seed=cfg.seed)
+    task.check_eval(cfg.eval)
+    result.meta_info.dataset_used = task.dataset_used
+    method = get_method(cfg.method.name)
+    probe = probe_batch(task)
+    result.train_info.base_loss = batch_loss(model, probe)
+
+    model, report = build_trainable(model, method, build_context(cfg, task, model_id))
+    info = result.train_info
+    info.init_seconds, info.init = report.init_seconds, {"layers": report.layers, **report.extra}
+    info.step0_loss = batch_loss(model, probe)
+    warn_if_function_changed(method, info.base_loss, info.step0_loss, cfg.model.dtype)
+    info.trainable_params, info.total_params = count_parameters(model)
+    log.info(
+        "%s: init %.2fs, trainable %d / %d, loss base %.5f -> step 0 %.5f",
+        method.name, info.init_seconds, info.trainable_params, info.total_params, info.base_loss, info.step0_loss,
+    )  # fmt: skip
+    scalars = {
+        k: v for k, v in report.extra.items() if isinstance(v, int | float | str)
+    }  # calib tokens, cache
+    tracker.summary({"init_seconds": info.init_seconds, "trainable_params": info.trainable_params,
+                     "base_loss": info.base_loss, "step0_loss": info.step0_loss, **scalars})  # fmt: skip
+
+    history = HistoryCallback(sink=tracker.log)
+    periodic = PeriodicEvalCallback(task, cfg.eval, cfg.trainer.eval_every, sink=tracker.log)
+    callbacks = [history, periodic]
+    rank_probe = None
+    if cfg.trainer.rank_probe_steps:  # probes import the effective-rank maths only when asked for
+        from astra.probes import make_rank_probe
+
+        rank_probe = make_rank_probe(model, task, cfg, sink=tracker.log)
+        callbacks += [rank_probe] if rank_probe else []
+    info.wall_seconds = train(model, task, cfg, scratch_dir(cfg, sig), callbacks)
+    info.history, info.peak_memory_mb = history.history, peak_memory_mb()
+    info.rank_probes = rank_probe.records if rank_probe else []
+
+    metrics = task.evaluate(model, cfg.eval)
+    result.eval_info = EvalInfo(
+        metrics=metrics, metric_specs=task.metric_specs(metrics), history=periodic.history
+    )
+    result.meta_info.data_files = task.data_files
+    result.meta_info.dataset_used = task.dataset_used
+    tracker.summary({f"eval/{k}": v for k, v in metrics.items()})
+    log.info("%s %s: %s", cfg.task.name, method.name, {k: round(v, 4) for k, v in metrics.items()})
+
+
+def describe(cfg: DictConfig, sig: str) -> str:
+    return f"{cfg.sweep.name}/{sig} ({cfg.method.name}, {cfg.task.name}, seed {cfg.seed})"
+
+
+@contextlib.contextmanager
+def sigterm_as_exit() -> Iterator[None]:
+    """SIGTERM (SLURM preemption, `kill`) raises SystemExit, so the run records its failure and releases
+    its claim on the way out; SIGKILL cannot be caught: its claim goes stale (dead pid) and is taken over."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def acquire(cfg: DictConfig, sig: str, path: Path) -> store.Claim | None:
+    """The run's claim, or None when the run must not start here (done, or held by a live process)."""
+    results_dir, timeout = cfg.paths.results_dir, cfg.sweep.claim_timeout_s
+    while True:
+        if store.finished(path):
+            print(f"[astra] skip {describe(cfg, sig)}: successful result exists at {path}")
+            return None
+        held = store.try_claim(results_dir, sig, timeout)
+        if isinstance(held, store.Claim):
+            if store.finished(path):  # finished by the previous holder between our two looks
+                held.release()
+                continue
+            return held
+        if cfg.sweep.if_claimed == schemas.IfClaimed.skip:
+            print(f"[astra] skip {describe(cfg, sig)}: claimed by {store.holder_text(held)}")
+            return None
+        log.info("%s is claimed by %s; waiting", sig, store.holder_text(held))
+        time.sleep(cfg.sweep.claim_poll_s)
+
+
+def run_experiment(cfg: DictConfig) -> RunResult | None:
+    """Run one configured experiment and write its result JSON; None when it was done or is running
+    elsewhere (claimed by a live process)."""
+    load_registry()
+    config, unsigned, sig = schemas.run_identity(cfg)
+    results_dir = cfg.paths.results_dir
+    migrate_store(results_dir)
+    store.mark_view(results_dir, cfg.sweep.name, sig)  # also checks that the store is writable, early
+    path = store.run_path(results_dir, sig)
+    claim = acquire(cfg, sig, path)
+    if claim is None:
+        return None
+    try:
+        with sigterm_as_exit():
+            return run_claimed(cfg, config, unsigned, sig, path)
+    finally:
+        claim.release()
+
+
+def run_claimed(
+    cfg: DictConfig, config: dict[str, Any], unsigned: list[str], sig: str, path: Path
+) -> RunResult:
+    sha, dirty = git_state()
+    result = RunResult(
+        run_info=RunInfo(signature=sig, sweep=cfg.sweep.name, status="failed", config=config, unsigned=unsigned,
+                         git_sha=sha, git_dirty=dirty, started_at=now()),
+        meta_info=MetaInfo(packages=package_versions(), device=device_name(cfg), hostname=platform.node()),
+    )  # fmt: skip
+    tracker = make_tracker(cfg, sig, config, scratch_dir(cfg, sig))
+    try:
+        execute(cfg, sig, tracker, result)
+        result.run_info.status = "success"
+    except BaseException:
+        result.run_info.error = traceback.format_exc()
+        raise
+    finally:
+        result.run_info.finished_at = now()
+        store.write_result(path, result)
+        tracker.finish(exit_code=0 if result.ok else 1)
+        print(f"[astra] {result.run_info.status}: {path} (pid {os.getpid()})")
+    return result
