@@ -1,13 +1,31 @@
-"""The method registry and the protocol every method (Astra and each baseline) implements.
+"""The method contract and the registry: types only, no build logic (that is `astra.build`).
 
-A method is registered under the name of its `conf/method/<name>.yaml`. Per layer it is a pure
-function `init(weight, stats, cfg) -> LoraInit`; writing a `LoraInit` into a PEFT model is done
-once, here, for every method (`apply_init`).
+A method (Astra and each baseline) is a class registered under the name of its
+`conf/method/<name>.yaml`. It declares which statistics it needs (`needs`, one of `STAT_KINDS`, the
+values of `astra.stats.StatKind`) and implements, per layer, the pure function
+
+    init(weight (d_out, d_in), stats, spec: LayerSpec) -> LoraInit(A (r, d_in), B (d_out, r), residual)
+
+where `stats` is the layer's `astra.stats.LayerStats` (or, for a method with `reduce`, what its
+`reduce` returned, possibly read back from the content cache; None when `needs == "none"`).
+`astra.build.build_trainable` is the one path that collects the statistics, calls `reduce`,
+`allocate` and `init`, wraps with PEFT and writes the factors. Optional hooks (defaults below):
+
+- `reduce(stats, cfg) -> Reduced`: a rank- and selection-independent summary of one layer's statistics
+  (Astra: the eigendecomposition), cached by content; `reduce_options(cfg)` enters the cache key.
+- `allocates(cfg)` / `allocate(reduced, targets, cfg)`: per-layer ranks from every layer's summary,
+  computed before the PEFT wrap (Astra's effective-rank allocation).
+- `build(model, ctx)`: a whole-model procedure, only for a method whose reference implementation must
+  stay whole (EVA, documented in `baselines/eva.py`); `build_trainable` times it and nothing else.
+
+Presets (`astra_code`, `dora`) are configs: one class may be registered under several names
+(`register(cls, name=...)`), each name with its own YAML.
 """
 
 from __future__ import annotations
 
-import time
+import importlib
+import pkgutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -17,7 +35,9 @@ from torch import nn
 
 from astra.config import MethodConfig, register_schema
 
-STAT_KINDS = ("none", "output_cov", "input_cov", "grad")
+STAT_KINDS = ("none", "output_cov", "input_cov", "grad")  # = astra.stats.StatKind values
+METHOD_PACKAGES = ("baselines",)  # every module of these packages is imported by `load_methods`
+METHOD_MODULES = ("astra.astra_init",)
 
 
 @dataclass
@@ -28,6 +48,24 @@ class LoraInit:
     B: torch.Tensor  # (d_out, r)
     residual: torch.Tensor | None = None  # (d_out, d_in) new frozen base weight; None keeps W
     info: dict[str, Any] = field(default_factory=dict)  # per-layer diagnostics for the results JSON
+
+
+@dataclass
+class LayerSpec:
+    """What a per-layer `init` needs to know about its layer besides the weight."""
+
+    name: str  # the layer's name in the base model (no PEFT prefix)
+    rank: int
+    scaling: float  # s in W + s * B A: alpha / r, or alpha / sqrt(r) with rsLoRA
+    method: Any  # the method config
+
+
+@dataclass
+class Reduced:
+    """A method's rank-independent summary of one layer's statistics (what the content cache holds)."""
+
+    tensors: dict[str, torch.Tensor]  # e.g. Astra: values (d,), vectors (d, d)
+    meta: dict[str, Any] = field(default_factory=dict)  # JSON-able (tokens, spectrum summary, ...)
 
 
 @dataclass
@@ -45,65 +83,98 @@ class BuildContext:
 class BuildReport:
     """How the trainable model was built; lands in the results JSON."""
 
-    init_seconds: float = 0.0
-    layers: dict[str, dict[str, Any]] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)
+    init_seconds: float = 0.0  # wall time of the whole build
+    layers: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-layer `LoraInit.info` (+ rank)
+    extra: dict[str, Any] = field(default_factory=dict)  # calibration summary, cache, allocation, timings
 
 
 class InitMethod:
-    """Base class: LoRA adapters on the target modules, optionally re-initialised per layer."""
+    """The contract (see the module docstring). Subclasses set `name` via `register` and override `init`."""
 
-    name: ClassVar[str]
-    needs: ClassVar[str] = "none"  # which statistics `init` takes: one of STAT_KINDS
+    name: ClassVar[str] = ""
+    needs: ClassVar[str] = "none"  # one of STAT_KINDS
     trains_adapters: ClassVar[bool] = True  # False: full fine-tuning, no adapter
-    schema: ClassVar[type] = MethodConfig
     preserves_function: ClassVar[bool] = True  # the model's output is unchanged at step 0
+    schema: ClassVar[type] = MethodConfig
 
     def peft_kwargs(self, cfg: Any) -> dict[str, Any]:
-        """Extra `peft.LoraConfig` fields (e.g. `init_lora_weights="pissa"`, `use_dora=True`)."""
+        """Extra `peft.LoraConfig` fields (e.g. `use_dora=True`)."""
         return {}
 
-    def init(self, weight: torch.Tensor, stats: torch.Tensor | None, cfg: Any) -> LoraInit | None:
-        """Per-layer initialisation from `weight` (d_out, d_in) and its statistics; None keeps PEFT's."""
+    def check(self, cfg: Any) -> None:
+        """Raise ValueError for option combinations the schema cannot reject (called before any work)."""
+
+    def stat_options(self, cfg: Any) -> Any:
+        """The `astra.stats.StatOptions` of `needs`, read from the method config's statistic fields."""
+        from astra.stats import stat_options
+
+        return stat_options(cfg, self.needs)
+
+    def calibration_limit(self, cfg: Any) -> int | None:
+        """Use only the first N calibration batches (LoRA-GA's `grad_batches`); None = all."""
         return None
 
-    def build(self, model: nn.Module, ctx: BuildContext) -> tuple[nn.Module, BuildReport]:
-        """Wrap `model` with LoRA adapters and initialise them. Override for whole-model procedures."""
-        from astra.adapters import build_lora_model
+    def init(self, weight: torch.Tensor, stats: Any, spec: LayerSpec) -> LoraInit | None:
+        """Per-layer init; None keeps PEFT's own (LoRA, DoRA: `init_lora_weights` via `peft_kwargs`)."""
+        return None
 
-        return build_lora_model(model, self, ctx)
+    # optional: a cacheable, rank-independent per-layer reduction (None: `init` gets the LayerStats)
+    reduce: ClassVar[Callable[..., Reduced] | None] = None
+
+    def reduce_options(self, cfg: Any) -> dict[str, Any]:
+        """Options of `reduce` (enter the cache key; never the rank or the selection)."""
+        return {}
+
+    def allocates(self, cfg: Any) -> bool:
+        """True when `allocate` must see every layer's summary before the wrap (no streaming)."""
+        return False
+
+    def allocate(self, reduced: dict[str, Any], targets: dict[str, nn.Linear], cfg: Any) -> dict[str, int]:
+        """Per-layer ranks by base-model layer name."""
+        raise NotImplementedError(f"method {self.name!r} allocates no ranks")
 
 
 _REGISTRY: dict[str, type[InitMethod]] = {}
 
 
-def register(cls: type[InitMethod]) -> type[InitMethod]:
-    """Class decorator: add a method to the registry and its schema to the ConfigStore."""
-    if cls.needs not in STAT_KINDS:
-        raise ValueError(f"{cls.__name__}.needs={cls.needs!r}; valid: {', '.join(STAT_KINDS)}")
-    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-        raise ValueError(f"method {cls.name!r} registered twice")
-    _REGISTRY[cls.name] = cls
-    register_schema("method", cls.name, cls.schema)
-    return cls
+def register(cls: type[InitMethod] | None = None, *, name: str | None = None, schema: type | None = None):
+    """Add a method class to the registry under `name` (default `cls.name`) and its schema to the
+    ConfigStore. Usable as `@register` or `register(Astra, name="astra_code")` (a preset)."""
+
+    def add(cls: type[InitMethod]) -> type[InitMethod]:
+        key = name or cls.name
+        if cls.needs not in STAT_KINDS:
+            raise ValueError(f"{cls.__name__}.needs={cls.needs!r}; valid: {', '.join(STAT_KINDS)}")
+        if not key:
+            raise ValueError(f"{cls.__name__} has no name to register under")
+        if key in _REGISTRY and _REGISTRY[key] is not cls:
+            raise ValueError(f"method {key!r} registered twice ({_REGISTRY[key].__name__}, {cls.__name__})")
+        _REGISTRY[key] = cls
+        register_schema("method", key, schema or cls.schema)
+        return cls
+
+    return add if cls is None else add(cls)
+
+
+def load_methods() -> list[str]:
+    """Import every module of `METHOD_PACKAGES` and `METHOD_MODULES`, so each registers itself."""
+    for package in METHOD_PACKAGES:
+        pkg = importlib.import_module(package)
+        for info in pkgutil.iter_modules(pkg.__path__):
+            importlib.import_module(f"{package}.{info.name}")
+    for module in METHOD_MODULES:
+        importlib.import_module(module)
+    return registered_methods()
 
 
 def get_method(name: str) -> InitMethod:
+    """An instance of the method registered as `name`; its `name` is the registry key (presets)."""
     if name not in _REGISTRY:
         raise KeyError(f"unknown method {name!r}; valid methods: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name]()
+    method = _REGISTRY[name]()
+    method.name = name
+    return method
 
 
 def registered_methods() -> list[str]:
     return sorted(_REGISTRY)
-
-
-class Timer:
-    """`with Timer() as t: ...; t.seconds`"""
-
-    def __enter__(self) -> Timer:
-        self.start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.seconds = time.perf_counter() - self.start

@@ -1,3 +1,5 @@
-"""Baseline methods, one file each, registered into `astra.methods` under their config names."""
+"""Baseline methods, one module each, registered into `astra.methods` under their config names.
 
-from baselines import corda, dora, eva, full_ft, lora, lora_ga, milora, olora, pissa  # noqa: F401
+Nothing is imported here: `astra.methods.load_methods()` imports every module of this package, so a
+new method is one module here plus its `conf/method/<name>.yaml`.
+"""

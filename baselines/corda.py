@@ -17,34 +17,35 @@ residual `W - s B A` (summing every triplet gives `W C C^{-1} = W`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 import torch
 from peft.tuners.lora.config import CordaConfig
 from peft.tuners.lora.corda import CordaEigens, collect_eigens_for_layer
 
-from astra.config import MethodConfig
+from astra.config import MethodConfig, not_in_signature
 from astra.methods import InitMethod, LoraInit, register
+from astra.stats import AccumDtype, Accumulate, Engine, Normalizer, SampleNorm
 from baselines.common import one_linear, peft_layer_init
 
-CORDA_METHODS = ("ipm", "kpm")
+
+class CordaMethod(StrEnum):
+    ipm = "ipm"  # instruction-previewed: adapt the largest triplets
+    kpm = "kpm"  # knowledge-preserved: adapt the smallest
 
 
 @dataclass
 class CorDAMethodConfig(MethodConfig):
-    corda_method: str = "ipm"  # ipm (instruction-previewed: largest) | kpm (knowledge-preserved: smallest)
+    corda_method: CordaMethod = CordaMethod.ipm
     # statistic options read by astra.stats (defaults = CorDA's release: uncentred, per-sample max scaling)
     centered: bool = False
-    sample_norm: str = "max_abs"  # each sample's X divided by |max(X)|
+    sample_norm: SampleNorm = SampleNorm.max_abs  # each sample's X divided by |max(X)|
     mask_padding: bool = True  # the release runs one unpadded sample per forward: no padding to count
-    normalizer: str = "forwards"  # divide by the number of calibration samples
-    accum_dtype: str = "fp32"
-
-
-def corda_method(cfg: Any) -> str:
-    if cfg.corda_method not in CORDA_METHODS:
-        raise ValueError(f"method.corda_method={cfg.corda_method!r}; valid: {', '.join(CORDA_METHODS)}")
-    return cfg.corda_method
+    normalizer: Normalizer = Normalizer.forwards  # divide by the number of calibration samples
+    accum_dtype: AccumDtype = AccumDtype.fp32
+    stats_engine: Engine = not_in_signature(Engine.sequential)  # exact either way (astra.stats)
+    accumulate: Accumulate = not_in_signature(Accumulate.auto)
 
 
 def corda_eigens(weight: torch.Tensor, cov: torch.Tensor, rank: int, method: str) -> CordaEigens:
@@ -64,15 +65,17 @@ class CorDA(InitMethod):
     needs = "input_cov"
     schema = CorDAMethodConfig
 
-    def init(self, weight: torch.Tensor, stats: torch.Tensor | None, spec: Any) -> LoraInit:
-        """A (r, d_in), B (d_out, r) from the SVD of `W C` with C = `stats` (d_in, d_in); residual W - s B A."""
+    def init(self, weight: torch.Tensor, stats: Any, spec: Any) -> LoraInit:
+        """A (r, d_in), B (d_out, r) from the SVD of `W C`, C = the input covariance (`stats.matrix` or a
+        tensor, (d_in, d_in)); residual W - s B A."""
+        stats = stats.matrix if hasattr(stats, "matrix") else stats
         if stats is None:
             raise ValueError(
                 f"corda: layer {spec.name} has no input covariance (it saw no calibration forward)"
             )
-        method = corda_method(spec.method)
+        method = str(spec.method.corda_method)
         eigens = corda_eigens(weight, stats, spec.rank, method)
-        init = peft_layer_init(weight, spec, attach={"eigens": eigens}, init_lora_weights="corda",
+        init = peft_layer_init(weight, spec, inputs={"eigens": eigens}, init_lora_weights="corda",
                                corda_config=CordaConfig(corda_method=method))  # fmt: skip
         init.info = {"sv_max": float(eigens.S_WC.max()), "sv_min": float(eigens.S_WC.min())}
         return init

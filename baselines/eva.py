@@ -7,6 +7,13 @@ Init (PEFT's `initialize_lora_eva_weights`): `A` = the top right-singular vector
 of the centred inputs) and `B = 0`, so the function is preserved. With `rho > 1` the ranks are
 redistributed across layers by explained variance (each layer at most `rho * r`, total budget kept), so
 per-layer ranks and the trainable parameter count differ from the other methods; `rho = 1` keeps r everywhere.
+
+EVA is the ONE method with its own `build` (the documented exception to `astra.build`'s single path):
+its statistics are not a finished per-layer matrix but PEFT's incremental PCA, fed batch after batch,
+whose stopping rule (per-component convergence) and rank redistribution (`rho`) decide which layers
+still need data and how many components each keeps. Re-implementing that loop on top of
+`collect_statistics` would mean re-writing PEFT's reference implementation; we keep it whole instead,
+behind the same LoRA config (`astra.build.lora_config`), targets rule and report.
 """
 
 from __future__ import annotations
@@ -19,12 +26,11 @@ from peft import EvaConfig, get_peft_model
 from peft.tuners.lora import initialize_lora_eva_weights
 from torch import nn
 
-from astra.adapters import lora_config, lora_layers
+from astra.build import calibration, lora_config, target_linears, wrapped_layers
+from astra.common import IGNORE_INDEX
 from astra.config import MethodConfig
 from astra.methods import BuildContext, BuildReport, InitMethod, register
-from baselines.common import calibration, timed_build, without_labels
-
-IGNORE_INDEX = -100
+from baselines.common import without_labels
 
 
 @dataclass
@@ -103,18 +109,17 @@ def eva_model(
 @register
 class EVA(InitMethod):
     name = "eva"
-    needs = "input_cov"
+    needs = "input_cov"  # what EVA decomposes (its own incremental loop; see the module docstring)
     schema = EVAMethodConfig
 
     def peft_kwargs(self, cfg: Any) -> dict[str, Any]:
         return {"init_lora_weights": "eva", "eva_config": eva_config(cfg)}
 
     def build(self, model: nn.Module, ctx: BuildContext) -> tuple[nn.Module, BuildReport]:
-        def build(report: BuildReport) -> nn.Module:
-            batches = calibration(ctx, self.name)
-            peft_model = eva_model(model, lora_config(self, ctx), batches, ctx.cfg.method.max_passes)
-            for name, layer in lora_layers(peft_model).items():
-                report.layers[name] = {"rank": layer.r["default"], "scaling": layer.scaling["default"]}
-            return peft_model
-
-        return timed_build(build)
+        """PEFT's EVA loop on the calibration batches (timed by `astra.build.build_trainable`)."""
+        report, config = BuildReport(), lora_config(self, ctx)
+        targets = target_linears(model, config)
+        peft_model = eva_model(model, config, calibration(ctx, self), ctx.cfg.method.max_passes)
+        for name, layer in wrapped_layers(peft_model, targets).items():
+            report.layers[name] = {"rank": layer.r["default"], "scaling": layer.scaling["default"]}
+        return peft_model, report

@@ -1,8 +1,9 @@
 """LoRA-GA (Wang et al., 2024, arXiv 2407.05000): adapters from the SVD of the full-weight gradient.
 
-Statistics: `G = dL/dW` (d_out, d_in) averaged over the first `grad_batches` calibration batches (the
-same samples as Astra), estimated by PEFT's `preprocess_loraga` with the model in eval mode (no dropout:
-the estimate is deterministic). With `G = U S V^T`, direction `ArB2r` (paper/release default) takes
+Statistics (`needs = "grad"`, `astra.stats.collect_statistics`): `G = dL/dW` (d_out, d_in) averaged over
+the first `grad_batches` calibration batches (the same samples as Astra), as PEFT's `preprocess_loraga`
+estimates it, with the model in eval mode (no dropout: deterministic) and bounded memory (one fp32 sum
+per target, micro-batched backward passes); returned as values, never stored on the model's layers. With `G = U S V^T`, direction `ArB2r` (paper/release default) takes
 `A = V[:, :r]^T`, `B = U[:, r:2r]`; `A2rBr`: `A = V[:, r:2r]^T`, `B = U[:, :r]`; `ArBr`: A the odd, B the even
 indices of the first 2r; `random`: a random split of the first 2r. The frozen residual is `W - s B A`.
 
@@ -17,53 +18,53 @@ Two formulas, both pinned by tests:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 import torch
-from peft.tuners.lora import LoraGAConfig, preprocess_loraga
-from torch import nn
+from peft.tuners.lora import LoraGAConfig
 
-from astra.adapters import lora_config
-from astra.config import MethodConfig
-from astra.methods import BuildContext, BuildReport, InitMethod, LoraInit, register
-from astra.models import model_device
-from baselines.common import (
-    calibration,
-    peft_layer_init,
-    residual_init,
-    timed_build,
-    to_device,
-    wrap_and_init,
-)
+from astra.config import MethodConfig, not_in_signature
+from astra.methods import InitMethod, LoraInit, register
+from baselines.common import peft_layer_init, residual_init
 
-DIRECTIONS = ("ArB2r", "A2rBr", "ArBr", "random")
-SCALES = ("stable", "unit", "gd", "weight_svd")
-FORMULAS = ("paper", "peft")
+
+class Direction(StrEnum):
+    """Which singular vectors of G give A and B (the paper's names, kept verbatim)."""
+
+    ArB2r = "ArB2r"
+    A2rBr = "A2rBr"
+    ArBr = "ArBr"
+    random = "random"
+
+
+class Scale(StrEnum):
+    stable = "stable"
+    unit = "unit"
+    gd = "gd"
+    weight_svd = "weight_svd"
+
+
+class Formula(StrEnum):
+    paper = "paper"
+    peft = "peft"
+
+
 PEFT_SCALE = {"stable": "stable", "unit": "unit", "gd": "gd_scale", "weight_svd": "weight_svd"}
-GRAD_ATTR = "_peft_loraga_grad"  # where PEFT's preprocess_loraga leaves the averaged gradient
+PEFT_GRAD = "_peft_loraga_grad"  # what PEFT's lora_ga_init reads off its (throwaway) base layer
 
 
 @dataclass
 class LoraGAMethodConfig(MethodConfig):
-    direction: str = "ArB2r"  # ArB2r | A2rBr | ArBr | random (paper & release default: ArB2r)
-    scale: str = "stable"  # stable | unit | gd | weight_svd
+    direction: Direction = Direction.ArB2r  # paper & release default
+    scale: Scale = Scale.stable
     stable_gamma: float = 16.0  # gamma of the stable scale (release default 16)
-    grad_batches: int | None = (
-        None  # calibration batches averaged for G; None = all (calib.n / calib.batch_size)
-    )
-    formula: str = "paper"  # paper (authors' formula) | peft (PEFT 0.21's lora_ga_init)
+    grad_batches: int | None = None  # calibration batches averaged for G; None = all
+    formula: Formula = Formula.paper  # paper (authors' formula) | peft (PEFT 0.21's lora_ga_init)
     svd_niter: int = (
         0  # 0: exact SVD; K > 0: torch.svd_lowrank(q=min(4r, .), niter=K) as the release (niter=4)
     )
-
-
-def validate(cfg: Any) -> None:
-    for key, valid in (("direction", DIRECTIONS), ("scale", SCALES), ("formula", FORMULAS)):
-        value = getattr(cfg, key)
-        if value not in valid:
-            raise ValueError(f"method.{key}={value!r} for lora_ga; valid: {', '.join(valid)}")
-    if cfg.grad_batches is not None and cfg.grad_batches < 1:
-        raise ValueError(f"method.grad_batches={cfg.grad_batches} for lora_ga must be >= 1 or null (all)")
+    grad_micro_batch: int | None = not_in_signature(None)  # samples per backward (memory only; exact)
 
 
 def gradient_svd(
@@ -117,61 +118,27 @@ class LoraGA(InitMethod):
     needs = "grad"
     schema = LoraGAMethodConfig
 
-    def init(self, weight: torch.Tensor, stats: torch.Tensor | None, spec: Any) -> LoraInit:
-        """A (r, d_in), B (d_out, r) from the gradient `stats` (d_out, d_in); residual W - s B A."""
-        if stats is None:
+    def check(self, cfg: Any) -> None:
+        if cfg.grad_batches is not None and cfg.grad_batches < 1:
+            raise ValueError(f"method.grad_batches={cfg.grad_batches} for lora_ga must be >= 1 or null (all)")
+
+    def calibration_limit(self, cfg: Any) -> int | None:
+        return cfg.grad_batches
+
+    def init(self, weight: torch.Tensor, stats: Any, spec: Any) -> LoraInit:
+        """A (r, d_in), B (d_out, r) from the gradient (`stats.matrix` or a tensor, (d_out, d_in)); residual W - s B A."""
+        grad = stats.matrix if hasattr(stats, "matrix") else stats
+        if grad is None:
             raise ValueError(f"lora_ga: layer {spec.name} has no gradient (it did not take part in the loss)")
         cfg = spec.method
-        validate(cfg)
         if cfg.formula == "peft":
             ga = LoraGAConfig(
-                direction=cfg.direction, scale=PEFT_SCALE[cfg.scale], stable_gamma=cfg.stable_gamma
+                direction=str(cfg.direction), scale=PEFT_SCALE[cfg.scale], stable_gamma=cfg.stable_gamma
             )
-            init = peft_layer_init(weight, spec, attach={GRAD_ATTR: stats}, init_lora_weights="lora_ga",
+            init = peft_layer_init(weight, spec, inputs={PEFT_GRAD: grad}, init_lora_weights="lora_ga",
                                    lora_ga_config=ga)  # fmt: skip
         else:
-            A, B = paper_factors(weight, stats, spec)
+            A, B = paper_factors(weight, grad, spec)
             init = residual_init(weight, A, B, spec.scaling)
-        init.info = {"grad_norm": float(stats.float().norm())}
+        init.info = {"grad_norm": float(grad.float().norm())}
         return init
-
-    def build(self, model: nn.Module, ctx: BuildContext) -> tuple[nn.Module, BuildReport]:
-        validate(ctx.cfg.method)
-
-        def build(report: BuildReport) -> nn.Module:
-            config = lora_config(self, ctx)
-            n = estimate_gradients(model, config, calibration(ctx, self.name, ctx.cfg.method.grad_batches))
-            report.extra["grad_batches"] = n
-            return wrap_and_init(self, model, ctx, report, pop_gradient, config)
-
-        return timed_build(build)
-
-
-def estimate_gradients(model: nn.Module, config: Any, batches: list[dict[str, torch.Tensor]]) -> int:
-    """Attach the batch-averaged loss gradient of every target weight (PEFT's `preprocess_loraga`).
-
-    Returns the number of batches. Runs in eval mode (no dropout); the model's mode is restored.
-    """
-    if any("labels" not in b for b in batches):
-        raise ValueError("lora_ga needs labelled calibration batches (a loss to differentiate)")
-    was_training, device = model.training, model_device(model)
-
-    def train_step() -> None:
-        model.eval()  # PEFT switches to train mode; a deterministic gradient wants dropout off
-        for batch in batches:
-            model(**to_device(batch, device)).loss.backward()
-
-    config.lora_ga_config = LoraGAConfig()  # required by preprocess_loraga; the init itself is ours
-    try:
-        preprocess_loraga(model, config, train_step)
-    finally:
-        config.lora_ga_config = None
-        model.train(was_training)
-    return len(batches)
-
-
-def pop_gradient(base: nn.Module) -> torch.Tensor | None:
-    grad = getattr(base, GRAD_ATTR, None)
-    if grad is not None:
-        delattr(base, GRAD_ATTR)
-    return grad
