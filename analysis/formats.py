@@ -4,7 +4,7 @@
 |------------|------------------------------|-------------|-----------|
 | `fraction` | x 100, 2 decimals            | `%`         | yes       |
 | `score`    | x 100, 2 decimals            | `×100`      | yes       |
-| `count`    | integer                      | `count`     | never     |
+| `count`    | integer (± only if it varies)| `count`     | never     |
 | `rate`     | 2 decimals                   | `/s`        | yes       |
 | `seconds`  | 2 decimals                   | `s`         | yes       |
 | `loss`     | 4 decimals                   | (none)      | yes       |
@@ -88,8 +88,8 @@ class MetricSpec:
         if stat.n == 0:
             return EMPTY
         text = self.number(stat.mean)
-        if stat.n > 1 and not math.isnan(stat.std):
-            text += f" ± {self.number(stat.std)}"
+        if stat.n > 1 and not math.isnan(stat.std) and (stat.std or self.kind != "count"):
+            text += f" ± {self.number(stat.std)}"  # a count equal in every run prints once
         if seeds is not None and stat.n < seeds:
             text += f" (n={stat.n})"
         return text

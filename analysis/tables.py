@@ -222,13 +222,15 @@ def average_stat(members: Sequence[RunResult], columns: Sequence[Column]) -> Sta
 
 
 def average_spec(specs: Sequence[MetricSpec]) -> MetricSpec | None:
-    """The Avg column's format: only when every column prints on one scale with one direction."""
-    scales = {(s.scale, s.higher_is_better) for s in specs}
-    if len(specs) < 2 or len(scales) != 1 or not all(s.kind in ("fraction", "score") for s in specs):
+    """The Avg column's format: when every declared column is a fraction or score of one direction
+    (columns no run evaluated declare nothing and do not count); None when no average makes sense."""
+    declared = [s for s in specs if s.kind]
+    if len(specs) < 2 or not declared or len({s.higher_is_better for s in declared}) != 1:
         return None
-    return MetricSpec(
-        "fraction" if all(s.kind == "fraction" for s in specs) else "score", specs[0].higher_is_better
-    )
+    if not all(s.kind in ("fraction", "score") for s in declared):
+        return None
+    kind = "fraction" if all(s.kind == "fraction" for s in declared) else "score"
+    return MetricSpec(kind, declared[0].higher_is_better)
 
 
 def benchmark_table(

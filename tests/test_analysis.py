@@ -1,12 +1,11 @@
-"""Analysis: effective rank (closed forms), rank probes, paper tables from a hand-made store, status, report."""
+"""Analysis: effective rank (closed forms, both definitions), rank probes, tables from hand-made stores in
+the content-addressed layout (exact Markdown), status from views and claims, report, paper map, and
+method order / colours derived for every registered method."""
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,19 +15,39 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from analysis.curves import ema, plot_curves
-from analysis.effective_rank import (
+from analysis.formats import MetricSpec
+from analysis.store import PAPER_METHODS, Stat, load_runs, method_order, ordered
+from analysis.style import PALETTE, method_colors
+from analysis.tables import (
+    GLUE_COLUMNS,
+    ablation_select_table,
+    commonsense_table,
+    glue_table,
+    math_code_table,
+    regenerate,
+    sweep_table,
+)
+from astra.erank import (
     by_module_type,
     covariance_effective_rank,
     effective_rank,
     lowrank_singular_values,
     module_type,
+    release_effective_rank,
     spectrum_effective_rank,
 )
-from analysis.store import Stat, load_runs
-from analysis.tables import ablation_select_table, commonsense_table, glue_table, math_code_table, sweep_table
 from astra.probes import RankProbeCallback
-from astra.results import EvalInfo, RunInfo, RunResult, TrainInfo, write_result
-from tests.conftest import REPO, requires_data
+from astra.results import (
+    EvalInfo,
+    RunInfo,
+    RunResult,
+    TrainInfo,
+    mark_view,
+    run_path,
+    signature_of,
+    write_result,
+)
+from tests.conftest import REPO
 
 # ---------------------------------------------------------------- effective rank: closed forms
 
@@ -38,6 +57,7 @@ def test_uniform_spectrum_has_effective_rank_n(n: int) -> None:
     assert spectrum_effective_rank(torch.full((n,), 3.5)) == pytest.approx(n, rel=1e-12)
     q, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64))
     assert effective_rank(2.0 * q) == pytest.approx(n, rel=1e-9)  # orthogonal: all singular values 2
+    assert release_effective_rank(torch.full((n,), 3.5)) == pytest.approx(n, rel=1e-6)
 
 
 def test_rank_one_matrix_has_effective_rank_one() -> None:
@@ -54,6 +74,26 @@ def test_effective_rank_closed_form_and_zero() -> None:
     assert covariance_effective_rank(
         q @ torch.diag(torch.tensor([4.0, 4.0, 0.0], dtype=torch.float64)) @ q.T
     ) == (pytest.approx(2.0, rel=1e-9))
+
+
+def test_release_effective_rank_closed_forms_and_difference_from_roy_vetterli() -> None:
+    """The release's definition: p = clamp(s, eps) / sum, exp(-sum p log(p + eps)), in float32."""
+    # p = (0.8, 0.2): erank = exp(-(0.8 ln 0.8 + 0.2 ln 0.2)) (eps shifts it by ~1e-8)
+    h = -(0.8 * math.log(0.8) + 0.2 * math.log(0.2))
+    assert release_effective_rank(torch.tensor([4.0, 1.0])) == pytest.approx(math.exp(h), rel=1e-6)
+    assert spectrum_effective_rank(torch.tensor([4.0, 1.0])) == pytest.approx(math.exp(h), rel=1e-12)
+    # a zero eigenvalue: Roy-Vetterli drops it (exactly 2); the release clamps it to eps and adds
+    # -p log(p + eps) with p = eps / 2: 2 * exp(eps/2 * (ln 2 - ln(1.5 eps))) to first order, > 2
+    spectrum = torch.tensor([1.0, 1.0, 0.0])
+    assert spectrum_effective_rank(spectrum) == 2.0
+    eps = 1e-8
+    s = torch.tensor([1.0, 1.0, eps], dtype=torch.float32)
+    p = s / s.sum()
+    direct = float(torch.exp(-(p * torch.log(p + eps)).sum()))  # the release's lines, in float32
+    assert release_effective_rank(spectrum) == direct
+    # all-zero spectrum: Roy-Vetterli says 0 (no spectrum), the release a flat spectrum of eps
+    assert spectrum_effective_rank(torch.zeros(3)) == 0.0
+    assert release_effective_rank(torch.zeros(3)) == pytest.approx(3.0, rel=1e-6)
 
 
 def test_lowrank_singular_values_equal_dense_svd() -> None:
@@ -137,86 +177,152 @@ def test_probe_full_ft_rank_one_update_and_masked_output_covariance() -> None:
     assert probe.adapter_ranks() == {}
 
 
-# ---------------------------------------------------------------- tables from a hand-made store
+# ---------------------------------------------------------------- hand-made stores in the content-addressed layout
+
+SPECS = {
+    "accuracy": {"kind": "fraction", "higher_is_better": True},
+    "f1": {"kind": "fraction", "higher_is_better": True},
+    "matthews": {"kind": "score", "higher_is_better": True},
+    "n_eval": {"kind": "count", "higher_is_better": True},
+    "throughput/samples_per_s": {"kind": "rate", "higher_is_better": True},
+    "gsm8k/accuracy": {"kind": "fraction", "higher_is_better": True},
+    "math500/accuracy": {"kind": "fraction", "higher_is_better": True},
+    "gsm8k/n": {"kind": "count", "higher_is_better": True},
+    "humaneval/pass@1": {"kind": "fraction", "higher_is_better": True},
+    "mbpp/pass@1": {"kind": "fraction", "higher_is_better": True},
+    "gen/ARC-Easy/accuracy": {"kind": "fraction", "higher_is_better": True},
+    "loglik/boolq/acc": {"kind": "fraction", "higher_is_better": True},
+}
 
 
-def _run(
-    sig: str, name: str, task: str, seed: int, metrics: dict, status: str = "success", **cfg
-) -> RunResult:
+def _run(name: str, task: str, seed: int, metrics: dict, status: str = "success", **cfg) -> RunResult:
+    """A result whose signature is its config's, as the pipeline writes it; specs for its metrics."""
     config = {"method": {"name": name, **cfg.pop("method", {})}, "seed": seed, "model": {"name": "m"},
               "task": {"name": task, "main_metric": "matthews" if task == "glue/cola" else "accuracy"}, **cfg}  # fmt: skip
     info = TrainInfo(history=[{"step": i, "loss": 1.0 / i, "grad_norm": 0.5 + seed} for i in range(1, 6)],
                      init_seconds=0.5 + seed, trainable_params=100, total_params=1000)  # fmt: skip
-    return RunResult(RunInfo(sig, "s", status, config), info, EvalInfo(metrics=metrics))
+    specs = {k: SPECS[k] for k in metrics}
+    run_info = RunInfo(
+        signature_of(config, []), "s", status, config, error="Traceback\nOSError: disk" * (status == "failed")
+    )
+    return RunResult(run_info, info, EvalInfo(metrics=metrics, metric_specs=specs))
+
+
+def _store(root: Path, views: dict[str, list[RunResult]]) -> Path:
+    """`root/runs/<sig>.json` for every run, `root/views/<sweep>/<sig>` for its sweeps."""
+    for sweep, runs in views.items():
+        for run in runs:
+            write_result(run_path(root, run.run_info.signature), run)
+            mark_view(root, sweep, run.run_info.signature)
+    return root
+
+
+def _glue_runs() -> list[RunResult]:
+    return [
+        _run("lora", "glue/mrpc", 0, {"accuracy": 0.80, "f1": 0.9, "n_eval": 408, "throughput/samples_per_s": 12.0}),
+        _run("lora", "glue/mrpc", 1, {"accuracy": 0.82, "f1": 0.9, "n_eval": 408, "throughput/samples_per_s": 13.0}),
+        _run("astra", "glue/mrpc", 0, {"accuracy": 0.84, "f1": 0.91, "n_eval": 408}),
+        _run("astra", "glue/mrpc", 1, {"accuracy": 0.86, "f1": 0.93, "n_eval": 408}),
+        _run("astra", "glue/cola", 0, {"matthews": 0.55, "n_eval": 1043}),
+        _run("lora", "glue/cola", 0, {}, status="failed"),
+    ]  # fmt: skip
 
 
 @pytest.fixture
 def store(tmp_path: Path) -> Path:
-    runs = [
-        _run("a", "lora", "glue/mrpc", 0, {"accuracy": 0.80, "f1": 0.9, "n_eval": 408}),
-        _run("b", "lora", "glue/mrpc", 1, {"accuracy": 0.82, "f1": 0.9, "n_eval": 408}),
-        _run("c", "astra", "glue/mrpc", 0, {"accuracy": 0.84, "f1": 0.91, "n_eval": 408}),
-        _run("d", "astra", "glue/mrpc", 1, {"accuracy": 0.86, "f1": 0.93, "n_eval": 408}),
-        _run("e", "astra", "glue/cola", 0, {"matthews": 0.55, "n_eval": 1043}),
-        _run("f", "lora", "glue/cola", 0, {}, status="failed"),
-    ]
-    for run in runs:
-        write_result(tmp_path / "s" / f"{run.run_info.signature}.json", run)
-    return tmp_path
+    return _store(tmp_path / "results", {"s": _glue_runs()})
 
 
 def test_glue_table_markdown_from_hand_made_store(store: Path) -> None:
     table = glue_table(load_runs(store, "s"))
     assert table.to_markdown() == (
         "**GLUE dev (each task's main metric)**\n\n"
-        "| Method | MNLI | SST-2 | CoLA | QQP | QNLI | RTE | MRPC | STS-B | Avg |\n"
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
-        "| lora | - | - | - | - | - | - | 81.00 ± 1.41 | - | - |\n"
-        "| astra | - | - | 55.00 | - | - | - | **85.00 ± 1.41** | - | - |\n\n"
-        "Mean ± std over seeds, in percent; `-`: no successful run.\n"
+        "| Method | MNLI | SST-2 | CoLA (×100) ↑ | QQP | QNLI | RTE | MRPC (%) ↑ | STS-B | Avg (×100) ↑ | seeds |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+        "| lora | - | - | - | - | - | - | 81.00 ± 1.41 | - | - | 2 |\n"
+        "| astra | - | - | 55.00 (n=1) | - | - | - | **85.00 ± 1.41** | - | - | 2 |\n\n"
+        "Mean ± std over seeds (sample std); `(n=k)`: a cell over k runs, fewer than the row's seeds; "
+        "`-`: no successful run.\n"
     )
     latex = table.to_latex()
-    assert (
-        "\\textbf{85.00$_{\\pm 1.41}$}" in latex
-        and "lora & - & - & - & - & - & - & 81.00$_{\\pm 1.41}$" in latex
-    )
+    assert "\\textbf{85.00$_{\\pm 1.41}$}" in latex and "55.00 (n=1)" in latex
+    assert "CoLA ($\\times$100) $\\uparrow$" in latex and "MRPC (\\%) $\\uparrow$" in latex
 
 
-def test_average_only_when_every_task_present(tmp_path: Path) -> None:
+def test_overview_formats_by_kind_never_counts_or_rates_as_percent(store: Path) -> None:
+    runs = [r for r in load_runs(store, "s") if r.run_info.config["task"]["name"] == "glue/mrpc"]
+    table = sweep_table(runs, expected=["pissa", "lora"])
+    assert table.to_markdown().splitlines()[2:7] == [
+        "| Method | accuracy (%) ↑ | f1 (%) ↑ | throughput/samples_per_s (/s) ↑ | n_eval (count) | init (s) "
+        "| trainable params | seeds |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| lora | 81.00 ± 1.41 | 90.00 ± 0.00 | 12.50 ± 0.71 | 408 | 1.00 ± 0.71 | 100 (10.00%) | 2 |",
+        "| pissa | - | - | - | - | - | - | 0 |",
+        "| astra | **85.00 ± 1.41** | **92.00 ± 1.41** | - | 408 | 1.00 ± 0.71 | 100 (10.00%) | 2 |",
+    ]
+
+
+def test_metric_spec_formats_and_undeclared_metrics_print_as_stored() -> None:
+    two = Stat.of([0.5, 0.7])
+    assert MetricSpec("fraction", True).cell(two) == "60.00 ± 14.14"
+    assert MetricSpec("count", True).cell(Stat.of([10, 12])) == "11 ± 1"
+    assert MetricSpec("count", True).header("n") == "n (count)"  # no arrow: a count is not ranked
+    assert MetricSpec("loss", False).header("eval_loss") == "eval_loss ↓"
+    assert MetricSpec("seconds", False).cell(Stat.of([2.0]), seeds=3) == "2.00 (n=1)"
+    assert MetricSpec().cell(two) == "0.6 ± 0.1414" and MetricSpec().header("x") == "x"
+    assert MetricSpec.of({"kind": "percentage"}) == MetricSpec()  # an unknown kind is not guessed
+    assert MetricSpec("fraction", True).cell(Stat()) == "-"
+
+
+def test_average_over_seeds_that_have_every_task() -> None:
     runs = [
-        _run(f"{t}{s}", "lora", f"glue/{t}", s, {"accuracy": v})
+        _run("lora", f"glue/{t}", s, {"accuracy": v})
         for s, (t, v) in enumerate([("rte", 0.6), ("mrpc", 0.8)])
     ]
-    glue = glue_table(runs)
-    assert glue.cells[0][-1] == "-"  # six GLUE tasks missing
-    math_runs = [_run("m", "lora", "metamath", 0, {"gsm8k/accuracy": 0.5, "math500/accuracy": 0.1, "gsm8k/n": 9.0}),
-                 _run("c", "lora", "code", 0, {"humaneval/pass@1": 0.2, "mbpp/pass@1": 0.4})]  # fmt: skip
-    assert math_code_table(math_runs).cells == [["50.00", "10.00", "20.00", "40.00", "30.00"]]
+    assert glue_table(runs).cells[0][-2:] == ["-", "2"]  # six GLUE tasks missing
+    math_runs = [_run("lora", "metamath", 0, {"gsm8k/accuracy": 0.5, "math500/accuracy": 0.1, "gsm8k/n": 9}),
+                 _run("lora", "code", 0, {"humaneval/pass@1": 0.2, "mbpp/pass@1": 0.4}),
+                 _run("lora", "metamath", 1, {"gsm8k/accuracy": 0.7, "math500/accuracy": 0.3, "gsm8k/n": 9})]  # fmt: skip
+    table = math_code_table(math_runs)
+    assert table.columns == [
+        "GSM8K (%) ↑",
+        "MATH (%) ↑",
+        "HumanEval (%) ↑",
+        "MBPP (%) ↑",
+        "Avg (%) ↑",
+        "seeds",
+    ]
+    # seed 1 lacks the code tasks: the average is seed 0's alone, and says so
+    assert table.cells == [
+        ["60.00 ± 14.14", "20.00 ± 14.14", "20.00 (n=1)", "40.00 (n=1)", "30.00 (n=1)", "2"]
+    ]
     cs = commonsense_table(
-        [_run("x", "lora", "commonsense", 0, {"gen/ARC-Easy/accuracy": 0.7, "loglik/boolq/acc": 0.9})]
+        [_run("lora", "commonsense", 0, {"gen/ARC-Easy/accuracy": 0.7, "loglik/boolq/acc": 0.9})]
     )
-    assert cs.cells == [["-", "-", "-", "-", "-", "70.00", "-", "-", "-"]]
+    assert cs.cells == [["-", "-", "-", "-", "-", "70.00", "-", "-", "-", "1"]]
 
 
 def test_ablation_table_rows_are_the_ablated_values() -> None:
     runs = [
-        _run("t0", "astra", "glue/rte", 0, {"accuracy": 0.70}, method={"select": "tail"}),
-        _run("t1", "astra", "glue/rte", 1, {"accuracy": 0.72}, method={"select": "tail"}),
-        _run("h0", "astra", "glue/rte", 0, {"accuracy": 0.60}, method={"select": "head"}),
+        _run("astra", "glue/rte", 0, {"accuracy": 0.70}, method={"select": "tail"}),
+        _run("astra", "glue/rte", 1, {"accuracy": 0.72}, method={"select": "tail"}),
+        _run("astra", "glue/rte", 0, {"accuracy": 0.60}, method={"select": "head"}),
     ]
     table = ablation_select_table(runs)
     assert table.rows == ["astra (select=head)", "astra (select=tail)"]
-    assert table.columns == ["RTE"] and table.cells == [["60.00"], ["71.00 ± 1.41"]]
+    assert table.columns == ["RTE (%) ↑", "seeds"] and table.cells == [["60.00", "1"], ["71.00 ± 1.41", "2"]]
+    assert table.bold == {(1, 0)}
     assert ablation_select_table(runs[:2]) is None  # nothing ablated
 
 
-def test_sweep_table_marks_missing_methods_and_counts_are_not_metrics(store: Path) -> None:
-    runs = [r for r in load_runs(store, "s") if r.run_info.config["task"]["name"] == "glue/mrpc"]
-    table = sweep_table(runs, expected=["pissa", "lora"])
-    assert table.columns == ["accuracy", "f1", "init (s)", "trainable params"]
-    assert table.rows == ["lora", "pissa", "astra"]
-    assert table.cells[1] == ["-", "-", "-", "-"]
-    assert table.cells[0][2:] == ["1.00 ± 0.71", "100 (10.00%)"]
+def test_unsigned_fields_are_not_ablation_axes() -> None:
+    runs = [
+        _run("lora", "glue/rte", s, {"accuracy": 0.7}, method={"cache": c})
+        for s, c in ((0, True), (1, False))
+    ]
+    for run in runs:
+        run.run_info.unsigned = ["method.cache"]
+    assert list(sweep_table(runs).rows) == ["lora"]
 
 
 def test_stat_is_mean_and_sample_std() -> None:
@@ -225,7 +331,45 @@ def test_stat_is_mean_and_sample_std() -> None:
     assert (stat.n, stat.mean, stat.std) == (3, pytest.approx(np.mean(xs)), pytest.approx(np.std(xs, ddof=1)))
 
 
-# ---------------------------------------------------------------- curves and report
+# ---------------------------------------------------------------- views, status, regenerate, report
+
+
+def test_a_run_shared_by_two_views_is_one_file_read_by_both(tmp_path: Path) -> None:
+    shared, only = (
+        _run("lora", "glue/rte", 0, {"accuracy": 0.7}),
+        _run("astra", "glue/rte", 0, {"accuracy": 0.8}),
+    )
+    root = _store(tmp_path, {"table": [shared, only], "ablation": [shared]})
+    assert len(list((root / "runs").glob("*.json"))) == 2
+    assert [r.run_info.signature for r in load_runs(root, "ablation")] == [shared.run_info.signature]
+    written = regenerate(root, tmp_path / "out")
+    names = sorted(p.name for p in written)
+    assert "ablation__overview.md" in names and "table__overview.md" in names and "table_curves.png" in names
+    assert "| lora | 70.00 |" in (tmp_path / "out" / "tables" / "ablation__overview.md").read_text()
+
+
+def test_status_from_views_results_and_claims(store: Path) -> None:
+    from analysis.status import format_status, sweep_status
+
+    mark_view(store, "s", "000000000000")  # started, died without a result
+    mark_view(store, "s", "111111111111")
+    claim = {"host": "h", "pid": 7, "started_at": "2026-01-01T00:00:00+00:00", "token": "t"}
+    (store / "claims").mkdir()
+    (store / "claims" / "111111111111.claim").write_text(json.dumps(claim))
+    bad = _glue_runs()[0]
+    mark_view(store, "s", "222222222222")
+    run_path(store, "222222222222").write_text(json.dumps(bad.to_dict()))  # holds another signature
+    states = {r.signature: r for r in sweep_status(store, "s", expected=["333333333333"])}
+    assert states["000000000000"].state == "missing" and states["333333333333"].state == "missing"
+    assert states["111111111111"].state == "running"
+    assert states["111111111111"].detail == "claimed by host h, pid 7, since 2026-01-01T00:00:00+00:00"
+    assert states["222222222222"].state == "failed" and "holds run" in states["222222222222"].detail
+    failed = [r for r in states.values() if r.result is not None and not r.result.ok]
+    assert [(r.state, r.detail, r.describe()) for r in failed] == [
+        ("failed", "OSError: disk", "lora / glue/cola / seed 0")
+    ]
+    text = format_status("s", list(states.values()))
+    assert text.splitlines()[0] == "sweep s: 10 runs: 5 present, 2 failed, 1 running, 2 missing"
 
 
 def test_ema_and_curves_png(store: Path, tmp_path: Path) -> None:
@@ -243,52 +387,64 @@ def test_report_embeds_tables_and_figures(store: Path, tmp_path: Path) -> None:
     md, html = write_report(load_runs(store, "s"), "s", tmp_path / "out", store)
     text = md.read_text()
     assert "85.00 ± 1.41" in text and "![s_curves.png](../figures/s_curves.png)" in text
-    assert "data:image/png;base64," in html.read_text() and "`f` (lora / glue/cola / seed 0)" in text
+    assert "6 runs in the view `s`: 5 present, 1 failed, 0 running, 0 missing" in text
+    assert (
+        "data:image/png;base64," in html.read_text() and "(lora / glue/cola / seed 0): OSError: disk" in text
+    )
 
 
-# ---------------------------------------------------------------- status against a real multirun
+# ---------------------------------------------------------------- paper map
 
 
-def _seed(overrides: list[str]) -> str:
-    return next(o for o in overrides if o.startswith("seed="))
+def test_paper_items_name_existing_sweeps_and_read_their_views(tmp_path: Path) -> None:
+    from experiments.paper import PAPER, item, item_runs, write_item
+
+    sweeps = {p.stem for p in (REPO / "conf" / "sweep").glob("*.yaml")}
+    named = {s for p in PAPER for s in (*p.sweeps, *p.mini)}
+    assert named <= sweeps, f"paper items name sweeps without a file: {sorted(named - sweeps)}"
+    assert len({p.id for p in PAPER}) == len(PAPER)
+    shared = _run("astra", "glue/rte", 0, {"accuracy": 0.8}, method={"select": "tail"})
+    head = _run("astra", "glue/rte", 0, {"accuracy": 0.6}, method={"select": "head"})
+    root = _store(tmp_path, {"ablation_select": [shared, head], "glue_table1": [shared]})
+    assert len(item_runs(root, item("ablation_select"))) == 2
+    written = write_item(root, item("ablation_select"), tmp_path / "out")
+    assert [p.name for p in written] == ["paper_ablation_select.md", "paper_ablation_select.tex"]
+    assert "| astra (select=tail) | **80.00** | 1 |" in written[0].read_text()
 
 
-TINY = ["model=tiny-bert", "method=lora", "trainer.max_steps=2", "task.train_limit=32", "eval.limit=16"]
+# ---------------------------------------------------------------- lists derived from the registry
 
 
-@requires_data
-def test_status_lists_present_missing_and_failed(tmp_path: Path) -> None:
-    from analysis.status import expected_runs, format_status
+def _registered_methods() -> set[str]:
+    from astra.methods import load_methods
 
-    overrides = [
-        *TINY,
-        f"paths.results_dir={tmp_path / 'res'}",
-        f"paths.output_dir={tmp_path / 'out'}",
-        "logger=none",
+    presets = {p.stem for p in (REPO / "conf" / "method").glob("*.yaml")}
+    return set(load_methods()) | presets
+
+
+def test_paper_method_preferences_are_registered_methods() -> None:
+    missing = set(PAPER_METHODS) - _registered_methods()
+    assert not missing, f"PAPER_METHODS names methods the registry does not know: {sorted(missing)}"
+
+
+def test_every_registered_method_gets_a_distinct_colour_and_a_position() -> None:
+    methods = sorted(_registered_methods() | {"zz_new_method", "aa_new_method"})
+    colors = method_colors(methods)
+    assert set(colors) >= set(methods) and len(set(colors.values())) == len(colors)
+    order = method_order(methods)
+    assert sorted(order) == methods  # every method has exactly one position
+    assert order[: len(PAPER_METHODS)] == list(PAPER_METHODS) and order[-2:] == [
+        "aa_new_method",
+        "zz_new_method",
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "astra.run", "sweep=demo", *overrides, "seed=0"]
-    subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True, timeout=300)
-    runs = expected_runs("demo", [*overrides, "seed=0,1"])
-    assert [(_seed(r.overrides), r.state) for r in runs] == [("seed=0", "present"), ("seed=1", "missing")]
-    failed = json.loads(runs[0].path.read_text())
-    failed["run_info"].update(status="failed", error="Traceback ...\nRuntimeError: out of memory")
-    runs[1].path.write_text(json.dumps(failed))
-    (runs[0].path.parent / "stale.json").write_text(runs[0].path.read_text())
-    again = expected_runs("demo", [*overrides, "seed=0,1"])
-    assert [(r.state, r.detail) for r in again] == [
-        ("present", ""),
-        ("failed", "RuntimeError: out of memory"),
-    ]
-    report = format_status("demo", again)
-    assert "1 present, 1 failed, 0 missing, 0 invalid" in report and "stale.json" in report
+    # paper methods keep their colour whatever else a figure shows
+    assert method_colors(["astra"])["astra"] == colors["astra"] == PALETTE[PAPER_METHODS.index("astra")]
+    many = method_colors([f"m{i:02d}" for i in range(40)])
+    assert len(set(many.values())) == len(many)  # past the palette: generated, still distinct
+    labels = ordered([f"{m} (rank=16)" for m in methods] + [f"{m} (rank=4)" for m in methods])
+    assert len(labels) == 2 * len(methods) and labels[:2] == ["full_ft (rank=4)", "full_ft (rank=16)"]
 
 
-def test_status_expands_range_and_rejects_unknown_sweep() -> None:
-    from analysis.status import expand
-
-    jobs = expand("demo", ["method=lora", "seed=range(0,3)"])
-    assert all("method=lora" in job for job in jobs)
-    assert sorted(_seed(job) for job in jobs) == ["seed=0", "seed=1", "seed=2"]
-    with pytest.raises(SystemExit, match="unknown sweep 'nope'; valid: .*demo"):
-        expand("nope")
+def test_glue_columns_name_the_glue_task_configs() -> None:
+    tasks = {p.stem for p in (REPO / "conf" / "task" / "glue").glob("*.yaml")}
+    assert {a for c in GLUE_COLUMNS for a in c.aliases} == tasks
