@@ -218,7 +218,9 @@ def check_finite(name: str, t: torch.Tensor, batch_index: int, what: str = "stat
         )
 
 
-def finish(second: torch.Tensor, first: torch.Tensor, tokens: int, samples: int, o: StatOptions) -> torch.Tensor:
+def finish(
+    second: torch.Tensor, first: torch.Tensor, tokens: int, samples: int, o: StatOptions
+) -> torch.Tensor:
     """(second - [centered] first first^T / tokens) / (tokens | samples)."""
     scatter = second - torch.outer(first, first) / tokens if o.centered else second
     return scatter / (tokens if o.normalizer == "tokens" else samples)
@@ -278,8 +280,12 @@ class SharedInputAccumulator:
         self.tokens = 0
         self.samples = 0
 
-    def add(self, x: torch.Tensor, ys: dict[str, torch.Tensor], mask: torch.Tensor | None, batch_index: int) -> None:
+    def add(
+        self, x: torch.Tensor, ys: dict[str, torch.Tensor], mask: torch.Tensor | None, batch_index: int
+    ) -> None:
         """x (batch, seq, d_in) the shared input; ys: name -> (batch, seq, d_out) outputs (for the weights)."""
+        for name, y in ys.items():  # d_out per token (1/d_in of the moment's cost): name the layer itself
+            check_finite(name, y, batch_index, "outputs")
         x, mask = as_3d(x, mask)
         dtype = accum_dtype(self.options, x.dtype)
         x = x.detach().to(dtype)
@@ -302,7 +308,9 @@ class SharedInputAccumulator:
             check_finite(k if k != "*" else self.names[0], self.second[k], batch_index)
             check_finite(k if k != "*" else self.names[0], self.first[k], batch_index)
 
-    def _add_weighted(self, x_aug: torch.Tensor, ys: dict[str, torch.Tensor], keep: torch.Tensor, dtype) -> None:
+    def _add_weighted(
+        self, x_aug: torch.Tensor, ys: dict[str, torch.Tensor], keep: torch.Tensor, dtype
+    ) -> None:
         scale = {}  # name -> (batch,) 1/|max(Y_s)| from the layer's own output
         for name in self.names:
             y, _ = as_3d(ys[name], None)
@@ -362,8 +370,10 @@ class Collector:
     def _hook(self, name: str):
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
             y = output[0] if isinstance(output, tuple) else output
-            if self.pending and block_key(self.pending[-1][0]) != block_key(name):
-                self.flush()
+            x = args[0]
+            last = self.pending[-1] if self.pending else None
+            if last and block_key(last[0]) != block_key(name) and all(p[1] is not x for p in self.pending):
+                self.flush()  # another block (bounded memory), unless it reads a pending input
             self.pending.append((name, args[0], y))
             self.seen.add(name)
 
@@ -436,7 +446,11 @@ class Collector:
             C = (C + C.T) / 2  # exactly symmetric, as the direct sum is
             check_finite(name, C, acc.samples)
             return LayerStats(name, self.kind, C, acc.tokens, acc.samples, P, W, "shared_input")
-        single = acc if isinstance(acc, CovarianceAccumulator) else acc[name]
+        if isinstance(acc, CovarianceAccumulator):  # input_cov: one matrix for the whole group
+            if getattr(acc, "finished", None) is None:
+                acc.finished = acc.covariance()
+            return LayerStats(name, self.kind, acc.finished, acc.tokens, acc.samples)
+        single = acc[name]
         return LayerStats(name, self.kind, single.covariance(), single.tokens, single.samples)
 
 
@@ -579,7 +593,9 @@ def collect_statistics(
                      len(plan.outside), plan.outside[0])  # fmt: skip
         yield from sequential_statistics(model, targets, kind, batches, options, plan)
         if plan.outside:
-            yield from forward_statistics(model, {n: targets[n] for n in plan.outside}, kind, batches, options)
+            yield from forward_statistics(
+                model, {n: targets[n] for n in plan.outside}, kind, batches, options
+            )
 
 
 def forward_statistics(
@@ -626,7 +642,9 @@ def sequential_statistics(
     """Capture block 0's inputs once, then run block by block (see the module docstring)."""
     first = min(plan.members)
     inputs = capture_block_inputs(model, plan.blocks[first], batches)
-    progress = tqdm(total=(max(plan.members) - first + 1) * len(batches), desc=f"calibration {kind}", leave=False)
+    progress = tqdm(
+        total=(max(plan.members) - first + 1) * len(batches), desc=f"calibration {kind}", leave=False
+    )
     try:
         for index in range(first, max(plan.members) + 1):
             block, names = plan.blocks[index], plan.members.get(index, [])
@@ -675,13 +693,14 @@ def gradient_statistics(
     """Batch-averaged dL/dW (d_out, d_in) per target, as PEFT's `preprocess_loraga` estimates it
     (mean over calibration batches of the gradient of each batch's mean loss, model in eval mode).
 
-    Memory: one fp32 (d_out, d_in) sum per target; each weight's `.grad` is moved into its sum by a
+    Memory: one (d_out, d_in) sum per target (fp32, or fp64 for an fp64 model); each weight's `.grad` is moved into its sum by a
     post-accumulate hook and freed at once, and only target weights require grad, so autograd keeps
     only the activations those weights need, for one micro-batch (`grad_micro_batch`).
     """
     if any("labels" not in b for b in batches):
         raise ValueError("gradient statistics need labelled calibration batches (a loss to differentiate)")
-    sums = {n: torch.zeros_like(t.weight, dtype=torch.float32) for n, t in targets.items()}
+    sums = {n: torch.zeros_like(t.weight, dtype=torch.promote_types(t.weight.dtype, torch.float32))
+            for n, t in targets.items()}  # fmt: skip
     by_param = {id(t.weight): n for n, t in targets.items()}
     requires = {n: p.requires_grad for n, p in model.named_parameters()}
     device = model_device(model)
@@ -714,7 +733,9 @@ def gradient_statistics(
             p.requires_grad_(requires[n])
             p.grad = None
     samples = sum(int(b["input_ids"].shape[0]) for b in batches)
-    tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in batches)
+    tokens = sum(
+        int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in batches
+    )
     for name in list(sums):
         grad = sums.pop(name) / len(batches)
         check_finite(name, grad, len(batches) - 1, "gradient")

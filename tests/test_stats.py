@@ -1,18 +1,25 @@
-"""Calibration statistics: closed forms on a single nn.Linear, block-wise = all-at-once, error paths."""
+"""Statistics engine: closed forms on single layers, shared input moments = direct accumulation for every
+option combination (fp64), the sequential engine = hooks on full forwards on tiny LLaMA/BERT, one pass
+suffices, padding honoured, non-finite errors, gradients pinned against PEFT's preprocess_loraga."""
 
 from __future__ import annotations
 
 import itertools
+import logging
 
 import pytest
 import torch
 from torch import nn
 
 from astra.stats import (
-    NonFiniteActivationError,
+    LayerStats,
+    NonFiniteStatisticsError,
+    StatKind,
     StatOptions,
     block_key,
+    block_plan,
     collect_group,
+    collect_statistics,
     layer_groups,
     stat_options,
     stream_covariances,
@@ -22,34 +29,46 @@ from astra.stats import (
 class Single(nn.Module):
     """A model that is one nn.Linear; batches are {"x": (B, T, d_in), "attention_mask": (B, T)}."""
 
-    def __init__(self, d_in: int = 6, d_out: int = 5, seed: int = 0):
+    def __init__(self, d_in: int = 6, d_out: int = 5, seed: int = 0, bias: bool = True):
         super().__init__()
         torch.manual_seed(seed)
-        self.lin = nn.Linear(d_in, d_out)
+        self.lin = nn.Linear(d_in, d_out, bias=bias)
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.lin(x)
 
 
-def make_batches(d_in: int = 6, seed: int = 1) -> list[dict[str, torch.Tensor]]:
+class Pair(nn.Module):
+    """Two layers reading the same input (as q/k/v do): the shared-input route."""
+
+    def __init__(self, d_in: int = 4, d_out: int = 5, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.a, self.b = nn.Linear(d_in, d_out), nn.Linear(d_in, d_out + 2, bias=False)
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.a(x).sum() + self.b(x).sum()
+
+
+def make_batches(d_in: int = 6, seed: int = 1, dtype=torch.float32) -> list[dict[str, torch.Tensor]]:
     """Three batches of different shapes with right padding (sample lengths 4,2 | 3 | 5,1,3)."""
     gen = torch.Generator().manual_seed(seed)
     batches = []
     for lengths in ((4, 2), (3,), (5, 1, 3)):
         width = max(lengths)
-        x = torch.randn(len(lengths), width, d_in, generator=gen) * 3 + 0.5
+        x = (torch.randn(len(lengths), width, d_in, generator=gen) * 3 + 0.5).to(dtype)
         mask = torch.tensor([[1] * n + [0] * (width - n) for n in lengths])
         batches.append({"x": x, "attention_mask": mask})
     return batches
 
 
-def closed_form(model: Single, batches: list, o: StatOptions) -> torch.Tensor:
-    """The covariance written out sample by sample in fp64, independently of the accumulator."""
+def closed_form(layer: nn.Linear, batches: list, o: StatOptions) -> torch.Tensor:
+    """The covariance written out sample by sample in fp64, independently of the accumulators."""
     second, first, tokens, samples = 0.0, 0.0, 0, 0
     for batch in batches:
         for x, mask in zip(batch["x"], batch["attention_mask"], strict=True):
-            with torch.no_grad():  # the layer's own fp32 output, then everything in fp64
-                rows = (model.lin(x) if o.side == "output" else x).double()
+            with torch.no_grad():  # the layer's own output, then everything in fp64
+                rows = (layer(x) if o.side == "output" else x).double()
             if o.mask_padding:
                 rows = rows[mask.bool()]
             if o.sample_norm == "max_abs":
@@ -61,31 +80,71 @@ def closed_form(model: Single, batches: list, o: StatOptions) -> torch.Tensor:
     return scatter / (tokens if o.normalizer == "tokens" else samples)
 
 
-COMBOS = list(itertools.product(("output", "input"), (True, False), ("none", "max_abs"), (True, False),
-                                ("tokens", "forwards"), ("fp32", "fp64")))  # fmt: skip
+OPTION_COMBOS = list(itertools.product((True, False), ("none", "max_abs"), (True, False), ("tokens", "forwards")))
 
 
-@pytest.mark.parametrize("side,centered,sample_norm,mask_padding,normalizer,accum", COMBOS)
-def test_single_linear_closed_form(side, centered, sample_norm, mask_padding, normalizer, accum):
+def close(a: torch.Tensor, b: torch.Tensor, tol: float) -> bool:
+    return torch.allclose(a.double(), b.double(), rtol=tol, atol=tol * float(b.abs().max()))
+
+
+@pytest.mark.parametrize("side", ["output", "input"])
+@pytest.mark.parametrize("accum", ["fp32", "fp64"])
+@pytest.mark.parametrize("centered,sample_norm,mask_padding,normalizer", OPTION_COMBOS)
+def test_single_linear_closed_form(side, accum, centered, sample_norm, mask_padding, normalizer):
+    """The former direct accumulator (kept for its callers) against the closed form."""
     o = StatOptions(side, centered, sample_norm, mask_padding, normalizer, accum)
     model, batches = Single(), make_batches()
     acc = collect_group(model, {"lin": model.lin}, batches, o)["lin"]
-    expected = closed_form(model, batches, o)
-    got = acc.covariance()
+    got, expected = acc.covariance(), closed_form(model.lin, batches, o)
     assert got.dtype == (torch.float64 if accum == "fp64" else torch.float32)
-    tol = 1e-10 if accum == "fp64" else 1e-5
-    assert torch.allclose(got.double(), expected, rtol=tol, atol=tol * float(expected.abs().max()))
-    assert acc.tokens == (
-        sum(int(b["attention_mask"].sum()) for b in batches) if mask_padding else 2 * 4 + 3 + 3 * 5
-    )
-    assert acc.samples == 6
+    assert close(got, expected, 1e-10 if accum == "fp64" else 1e-5)
+    real = sum(int(b["attention_mask"].sum()) for b in batches)
+    assert acc.tokens == (real if mask_padding else 2 * 4 + 3 + 3 * 5) and acc.samples == 6
 
 
-def test_accum_dtype_model_uses_model_dtype():
-    model, batches = Single().to(torch.bfloat16), make_batches()
-    batches = [{**b, "x": b["x"].to(torch.bfloat16)} for b in batches]
-    acc = collect_group(model, {"lin": model.lin}, batches, StatOptions(accum_dtype="model"))["lin"]
-    assert acc.covariance().dtype == torch.bfloat16
+@pytest.mark.parametrize("shape", [(6, 5, True), (4, 9, True), (4, 9, False)])
+@pytest.mark.parametrize("accumulate", ["auto", "direct"])
+@pytest.mark.parametrize("centered,sample_norm,mask_padding,normalizer", OPTION_COMBOS)
+def test_engine_closed_form_fp64(shape, accumulate, centered, sample_norm, mask_padding, normalizer):
+    """collect_statistics on one layer (fp64 model) = the closed form; d_out > d_in+1 takes the shared
+    input route under `auto`, and its input moment reproduces C = W_aug P W_aug^T."""
+    d_in, d_out, bias = shape
+    o = StatOptions("output", centered, sample_norm, mask_padding, normalizer, "fp64", accumulate)
+    model, batches = Single(d_in, d_out, bias=bias).double(), make_batches(d_in, dtype=torch.float64)
+    (name, stats), = list(collect_statistics(model, {"lin": model.lin}, "output_cov", batches, o))  # fmt: skip
+    shared = accumulate == "auto" and (d_in + 1) ** 2 < d_out**2
+    assert name == "lin" and stats.route == ("shared_input" if shared else "direct")
+    assert close(stats.matrix, closed_form(model.lin, batches, o), 1e-11)
+    if shared:
+        W = stats.weight_aug
+        assert torch.equal(W[:, :d_in], model.lin.weight) and stats.input_moment.shape == (d_in + 1, d_in + 1)
+        assert close(W @ stats.input_moment @ W.T, stats.matrix, 1e-12)
+    assert torch.isfinite(stats.matrix).all() and torch.equal(stats.matrix, stats.matrix.T)
+
+
+@pytest.mark.parametrize("centered,sample_norm,mask_padding,normalizer", OPTION_COMBOS)
+def test_group_sharing_one_input_fp64(centered, sample_norm, mask_padding, normalizer):
+    """Two layers on one input: one shared moment (per-layer sample weights with max_abs) = closed form."""
+    o = StatOptions("output", centered, sample_norm, mask_padding, normalizer, "fp64")
+    model, batches = Pair().double(), make_batches(4, dtype=torch.float64)
+    targets = {"a": model.a, "b": model.b}
+    got = dict(collect_statistics(model, targets, "output_cov", batches, o))
+    for name, layer in targets.items():
+        assert got[name].route == "shared_input"
+        assert close(got[name].matrix, closed_form(layer, batches, o), 1e-11), name
+    inputs = dict(collect_statistics(model, targets, "input_cov", batches, o))
+    assert inputs["a"].matrix is inputs["b"].matrix  # one input covariance per group
+    o_in = StatOptions("input", centered, sample_norm, mask_padding, normalizer, "fp64")
+    assert close(inputs["a"].matrix, closed_form(model.a, batches, o_in), 1e-11)
+
+
+def test_accum_dtype_model_uses_model_dtype_and_direct_arithmetic():
+    model, batches = Pair().to(torch.bfloat16), make_batches(4, dtype=torch.bfloat16)
+    o = StatOptions(accum_dtype="model")
+    got = dict(collect_statistics(model, {"a": model.a, "b": model.b}, "output_cov", batches, o))
+    assert all(s.matrix.dtype == torch.bfloat16 and s.route == "direct" for s in got.values())
+    acc = collect_group(model, {"a": model.a}, batches, o)["a"]  # the release's arithmetic, bit for bit
+    assert torch.equal(acc.covariance(), got["a"].matrix)
 
 
 def test_sample_norm_is_abs_of_max_not_max_abs():
@@ -97,101 +156,275 @@ def test_sample_norm_is_abs_of_max_not_max_abs():
     x = torch.tensor([[[1.0, -10.0], [0.5, 0.0]]])
     batches = [{"x": x, "attention_mask": torch.ones(1, 2, dtype=torch.long)}]
     o = StatOptions(centered=False, sample_norm="max_abs", normalizer="forwards")
-    cov = collect_group(model, {"lin": model.lin}, batches, o)["lin"].covariance()
-    assert torch.allclose(cov, x[0].T @ x[0])
+    (_, stats), = list(collect_statistics(model, {"lin": model.lin}, "output_cov", batches, o))  # fmt: skip
+    assert torch.allclose(stats.matrix, x[0].T @ x[0])
 
 
-def test_hooks_removed_and_nonfinite_names_layer_and_batch():
+def test_nonfinite_names_layer_and_batch_and_hooks_are_removed():
     model, batches = Single(), make_batches()
     batches[1]["x"][0, 0, 0] = float("nan")
-    with pytest.raises(NonFiniteActivationError, match=r"'lin' at calibration batch 1"):
-        collect_group(model, {"lin": model.lin}, batches, StatOptions())
+    model.train()
+    for accumulate in ("auto", "direct"):
+        with pytest.raises(NonFiniteStatisticsError, match=r"'lin' at calibration batch 1"):
+            list(collect_statistics(model, {"lin": model.lin}, "output_cov", batches, StatOptions(accumulate=accumulate)))
     assert not model.lin._forward_hooks  # removed in `finally`
     assert model.training  # training mode restored
+
+
+def test_zero_sample_max_is_nonfinite_error():
+    model = Single(2, 2)
+    with torch.no_grad():
+        model.lin.weight.zero_()
+        model.lin.bias.zero_()
+    batches = make_batches(2)
+    with pytest.raises(NonFiniteStatisticsError, match="'lin'"):
+        list(collect_statistics(model, {"lin": model.lin}, "output_cov", batches, StatOptions(sample_norm="max_abs")))
 
 
 def test_mask_mismatch_is_a_clear_error():
     model, batches = Single(), make_batches()
     batches[0]["attention_mask"] = batches[0]["attention_mask"][:, :2]
     with pytest.raises(ValueError, match="mask_padding=false"):
-        collect_group(model, {"lin": model.lin}, batches, StatOptions())
+        list(collect_statistics(model, {"lin": model.lin}, "output_cov", batches, StatOptions()))
 
 
-def test_invalid_options_name_valid_values():
+def test_options():
     with pytest.raises(ValueError, match="none, max_abs"):
         StatOptions(sample_norm="max")
     with pytest.raises(ValueError, match="tokens, forwards"):
         StatOptions(normalizer="samples")
-    with pytest.raises(ValueError, match="output_cov, input_cov"):
-        stat_options({}, "grad")
+    with pytest.raises(ValueError, match="auto, direct"):
+        StatOptions(accumulate="shared")
+    with pytest.raises(ValueError, match="output_cov, input_cov, grad"):
+        stat_options({}, "hessian")
+    o = stat_options({"accumulate": "direct", "centered": False}, "input_cov")
+    assert o.side == "input" and o.accumulate == "direct" and not o.centered
+    assert "accumulate" not in o.as_dict()  # exact: not part of the content key
+    assert list(StatKind) == ["none", "output_cov", "input_cov", "grad"]
 
 
 def test_block_grouping():
     names = ["m.layer.0.q", "m.layer.0.k", "m.layer.1.q", "m.layer.10.q", "m.pooler"]
     assert block_key("m.layer.10.q") == "m.layer.10"
-    assert layer_groups(names) == [
-        ["m.layer.0.q", "m.layer.0.k"],
-        ["m.layer.1.q"],
-        ["m.layer.10.q"],
-        ["m.pooler"],
-    ]
+    assert layer_groups(names) == [["m.layer.0.q", "m.layer.0.k"], ["m.layer.1.q"], ["m.layer.10.q"], ["m.pooler"]]
     assert layer_groups(names, "all") == [names]
 
 
-def tiny_bert(seed: int = 0):
+# --------------------------------------------------------------------------------------------
+# tiny transformer models
+# --------------------------------------------------------------------------------------------
+
+
+def tiny_bert(seed: int = 0, layers: int = 3):
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(seed)
-    cfg = BertConfig(
-        vocab_size=50, hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=24
-    )
+    cfg = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=layers, num_attention_heads=2,
+                     intermediate_size=24)  # fmt: skip
     return BertForSequenceClassification(cfg).eval()
 
 
-def token_batches(n: int = 4, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+def tiny_llama(seed: int = 0, layers: int = 2):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=layers, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=40)  # fmt: skip
+    return LlamaForCausalLM(cfg).eval()
+
+
+def token_batches(n: int = 4, seed: int = 0, causal: bool = False, width: int = 7) -> list[dict[str, torch.Tensor]]:
+    """Batches of 2 with right padding in the second sample (calibration batch > 1)."""
     gen = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n):
-        ids = torch.randint(1, 50, (2, 7), generator=gen)
+        ids = torch.randint(1, 50, (2, width), generator=gen)
         mask = torch.ones_like(ids)
         mask[1, 4:] = 0
-        out.append({"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([0, 1])})
+        labels = ids.masked_fill(mask == 0, -100) if causal else torch.tensor([0, 1])
+        out.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
     return out
 
 
-@pytest.mark.parametrize("side", ["output_cov", "input_cov"])
-def test_block_wise_equals_all_at_once(side):
+def block_targets(model) -> dict[str, nn.Linear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layer" in n}
+
+
+MODELS = {"bert": (tiny_bert, False), "llama": (tiny_llama, True)}
+
+
+@pytest.mark.parametrize("arch", list(MODELS))
+@pytest.mark.parametrize("kind", ["output_cov", "input_cov"])
+@pytest.mark.parametrize("centered,sample_norm,mask_padding,normalizer", OPTION_COMBOS)
+def test_sequential_shared_equals_forward_direct_fp64(arch, kind, centered, sample_norm, mask_padding, normalizer):
+    make, causal = MODELS[arch]
+    model, batches = make().double(), token_batches(causal=causal)
+    targets = block_targets(model)
+    o = StatOptions("output", centered, sample_norm, mask_padding, normalizer, "fp64")
+    direct = StatOptions("output", centered, sample_norm, mask_padding, normalizer, "fp64", "direct")
+    seq = dict(collect_statistics(model, targets, kind, batches, o, "sequential"))
+    ref = dict(collect_statistics(model, targets, kind, batches, direct, "forward"))
+    assert list(seq) == list(ref) == list(targets)  # model order
+    assert any(s.route == "shared_input" for s in seq.values()) == (kind == "output_cov")
+    for name in targets:
+        assert close(seq[name].matrix, ref[name].matrix, 1e-10), name
+        assert (seq[name].tokens, seq[name].samples) == (ref[name].tokens, ref[name].samples)
+
+
+@pytest.mark.parametrize("arch", list(MODELS))
+def test_sequential_fp32_close_to_fp64_direct(arch):
+    make, causal = MODELS[arch]
+    model, batches = make(), token_batches(causal=causal)
+    targets = block_targets(model)
+    seq = dict(collect_statistics(model, targets, "output_cov", batches, StatOptions()))
+    ref64 = dict(collect_statistics(model.double(), targets, "output_cov", batches,
+                                    StatOptions(accum_dtype="fp64", accumulate="direct"), "forward"))  # fmt: skip
+    for name in targets:
+        assert close(seq[name].matrix, ref64[name].matrix, 1e-4), name
+
+
+@pytest.mark.parametrize("arch", list(MODELS))
+def test_padding_is_honoured_in_batches(arch):
+    """Padded batches of 2 give the statistics of the same samples unpadded at batch size 1."""
+    make, causal = MODELS[arch]
+    model = make().double()
+    batches = token_batches(causal=causal)
+    singles = []
+    for b in batches:
+        for i in range(2):
+            n = int(b["attention_mask"][i].sum())
+            singles.append({k: v[i : i + 1, :n] if v.dim() == 2 else v[i : i + 1] for k, v in b.items()})
+    o = StatOptions(accum_dtype="fp64")
+    targets = block_targets(model)
+    padded = dict(collect_statistics(model, targets, "output_cov", batches, o))
+    single = dict(collect_statistics(model, targets, "output_cov", singles, o))
+    for name in targets:
+        assert close(padded[name].matrix, single[name].matrix, 1e-10), name
+
+
+def test_consumer_writes_do_not_change_later_statistics():
+    """One pass suffices: block k's outputs are taken before its statistics are yielded, so whatever the
+    consumer writes into block k afterwards (here: zeroed weights, not even function-preserving) does not
+    reach later blocks' statistics: they are those of the unmodified base model."""
+    model, batches = tiny_llama(layers=3).double(), token_batches(causal=True)
+    targets = block_targets(model)
+    o = StatOptions(accum_dtype="fp64")
+    reference = {n: s.matrix for n, s in collect_statistics(model, targets, "output_cov", batches, o)}
+    got = {}
+    for name, stats in collect_statistics(model, targets, "output_cov", batches, o):
+        got[name] = stats.matrix
+        with torch.no_grad():
+            targets[name].weight.zero_()
+    for name in targets:
+        assert torch.equal(got[name], reference[name]), name
+
+
+def test_targets_outside_blocks_fall_back_to_a_full_forward(caplog):
+    model, batches = tiny_bert().double(), token_batches()
+    targets = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}  # + pooler, classifier
+    plan = block_plan(model, targets)
+    assert plan.path == "bert.encoder.layer" and plan.outside == ["bert.pooler.dense", "classifier"]
+    o = StatOptions(accum_dtype="fp64")
+    with caplog.at_level(logging.INFO, logger="astra.stats"):
+        seq = dict(collect_statistics(model, targets, "output_cov", batches, o))
+    assert "outside the blocks" in caplog.text
+    ref = dict(collect_statistics(model, targets, "output_cov", batches, o, "forward"))
+    assert list(seq) == list(targets)
+    for name in targets:
+        assert close(seq[name].matrix, ref[name].matrix, 1e-10), name
+    assert seq["classifier"].tokens == 8  # one row per sample (pooled), unmasked
+
+
+def test_blocks_that_cannot_run_in_isolation_fall_back(caplog):
+    model, batches = tiny_llama().double(), token_batches(causal=True)
+    model.config.layer_types = ["sliding_attention", "full_attention"]  # per-block masks differ
+    o = StatOptions(accum_dtype="fp64")
+    with caplog.at_level(logging.INFO, logger="astra.stats"):
+        got = dict(collect_statistics(model, block_targets(model), "output_cov", batches, o))
+    assert "sequential engine unavailable" in caplog.text and len(got) == len(block_targets(model))
+
+
+def test_nonfinite_weight_names_the_layer():
+    model, batches = tiny_llama(), token_batches(causal=True)
+    targets = block_targets(model)
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] = float("inf")
+    names = []
+    with pytest.raises(NonFiniteStatisticsError, match=r"model\.layers\.1\.mlp\.up_proj"):
+        for name, stats in collect_statistics(model, targets, "output_cov", batches, StatOptions()):
+            assert torch.isfinite(stats.matrix).all()
+            names.append(name)
+    assert names and all(".layers.0." in n or "layers.1.self_attn" in n for n in names)
+
+
+def test_legacy_stream_covariances_block_equals_all():
     model, batches = tiny_bert(), token_batches()
-    targets = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layer." in n}
-    o = stat_options({}, side)
+    targets = block_targets(model)
+    o = stat_options({}, "output_cov")
     blocks = {n: a.covariance() for n, a in stream_covariances(model, targets, batches, o, "block")}
     at_once = {n: a.covariance() for n, a in stream_covariances(model, targets, batches, o, "all")}
-    assert blocks.keys() == at_once.keys() == targets.keys()
     for name in targets:
-        assert torch.allclose(blocks[name], at_once[name], rtol=1e-6, atol=1e-7), name
+        assert torch.allclose(blocks[name], at_once[name], rtol=1e-5, atol=1e-6), name
 
 
-def test_streaming_with_function_preserving_init_between_blocks():
-    """The spine's path: init applied to block k before block k+1 is collected gives the statistics of
-    the unmodified model (the init preserves every block's output)."""
-    from peft import LoraConfig, get_peft_model
+# --------------------------------------------------------------------------------------------
+# gradients (LoRA-GA)
+# --------------------------------------------------------------------------------------------
 
-    from astra.adapters import apply_init, lora_layers
-    from astra.astra_init import astra_init, layer_eigens
 
-    model, batches = tiny_bert(), token_batches()
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value", "dense"], task_type="SEQ_CLS")
-    peft_model = get_peft_model(model, config)
-    layers = lora_layers(peft_model)
-    reference = {
-        n: a.covariance() for n, a in stream_covariances(peft_model, layers, batches, StatOptions(), "all")
-    }
-    streamed = {}
-    for name, acc in stream_covariances(peft_model, layers, batches, StatOptions(), "block"):
-        streamed[name] = cov = acc.covariance()
-        layer = layers[name]
-        eig = layer_eigens(cov, 4, "tail")
-        apply_init(layer, astra_init(layer.get_base_layer().weight, eig, 4, layer.scaling["default"]))
-    assert (layers[name].lora_B["default"].weight != 0).any()  # inits really were applied
-    for name in layers:
-        assert torch.allclose(streamed[name], reference[name], rtol=1e-4, atol=1e-6), name
+def peft_gradients(model, targets: list[str], batches) -> dict[str, torch.Tensor]:
+    from peft import LoraConfig
+    from peft.tuners.lora import LoraGAConfig, preprocess_loraga
+
+    config = LoraConfig(r=2, target_modules=targets, init_lora_weights="lora_ga", lora_ga_config=LoraGAConfig())
+
+    def train_step() -> None:
+        model.eval()
+        for batch in batches:
+            model(**batch).loss.backward()
+
+    preprocess_loraga(model, config, train_step)
+    out = {}
+    for name, module in model.named_modules():
+        if hasattr(module, "_peft_loraga_grad"):
+            out[name] = module._peft_loraga_grad.clone()
+            del module._peft_loraga_grad
+    return out
+
+
+@pytest.mark.parametrize("arch", list(MODELS))
+def test_gradients_equal_peft_preprocess_loraga(arch):
+    make, causal = MODELS[arch]
+    model, batches = make().double(), token_batches(causal=causal)
+    targets = block_targets(model)
+    ours = dict(collect_statistics(model, targets, "grad", batches, StatOptions()))
+    assert all(p.grad is None for p in model.parameters())  # nothing left on the model
+    assert all(p.requires_grad for p in model.parameters())  # requires_grad restored
+    theirs = peft_gradients(model, ["query", "key", "value", "dense"] if arch == "bert" else
+                            ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], batches)  # fmt: skip
+    theirs = {n: g for n, g in theirs.items() if n in targets}
+    assert theirs.keys() == targets.keys()
+    for name in targets:
+        assert isinstance(ours[name], LayerStats) and ours[name].kind == "grad"
+        assert ours[name].matrix.shape == targets[name].weight.shape
+        assert close(ours[name].matrix, theirs[name], 1e-10), name
+        assert float(theirs[name].abs().max()) > 0
+
+
+@pytest.mark.parametrize("arch", list(MODELS))
+def test_gradient_micro_batches_are_exact(arch):
+    """Splitting a batch (memory) weights each micro-batch's mean loss by its share of the batch's labels."""
+    make, causal = MODELS[arch]
+    model, batches = make().double(), token_batches(causal=causal)
+    targets = block_targets(model)
+    whole = dict(collect_statistics(model, targets, "grad", batches, StatOptions()))
+    split = dict(collect_statistics(model, targets, "grad", batches, StatOptions(grad_micro_batch=1)))
+    for name in targets:
+        assert close(split[name].matrix, whole[name].matrix, 1e-10), name
+
+
+def test_gradients_need_labels():
+    model, batches = tiny_llama(), token_batches(causal=True)
+    batches[0].pop("labels")
+    with pytest.raises(ValueError, match="labelled"):
+        list(collect_statistics(model, block_targets(model), "grad", batches, StatOptions()))
