@@ -126,7 +126,9 @@ class Table:
     row_header: str = "Method"
 
     def has_values(self) -> bool:
-        return any(c != EMPTY for row in self.cells for c in row)
+        """Whether any cell other than the seed counts holds a value (a table of `-` is not written)."""
+        keep = [j for j, c in enumerate(self.columns) if c != SEEDS]
+        return any(row[j] != EMPTY for row in self.cells for j in keep)
 
     def to_markdown(self) -> str:
         def text(i: int, j: int) -> str:
@@ -197,6 +199,7 @@ def mix_note(groups: dict[str, list[RunResult]]) -> str:
     return f" WARNING: rows pooling runs with different settings: {'; '.join(parts)}." if parts else ""
 
 
+SEEDS = "seeds"  # the trailing column counting each row's seeds
 NOTE = ("Mean ± std over seeds (sample std); `(n=k)`: a cell over k runs, fewer than the row's seeds; "
         "`-`: no successful run.")  # fmt: skip
 
@@ -252,7 +255,7 @@ def benchmark_table(
     cells = [[spec.cell(s, n) for spec, s in zip(specs, row, strict=True)] + [str(n)]
              for row, n in zip(stats, seeds, strict=True)]  # fmt: skip
     note = NOTE + mix_note(groups)
-    return Table(name, title, [*labels, "seeds"], list(groups), cells, _bold(stats, specs), note, row_header)
+    return Table(name, title, [*labels, SEEDS], list(groups), cells, _bold(stats, specs), note, row_header)
 
 
 def glue_table(runs: Sequence[RunResult]) -> Table:
@@ -363,7 +366,7 @@ def sweep_table(runs: Sequence[RunResult], expected: Sequence[str] = (), name: s
         cells.append([spec.cell(s, n) for (_, _, spec), s in zip(keys, row, strict=True)]
                      + [INIT_SECONDS.cell(init), _params(params, total), str(n)])  # fmt: skip
     note = NOTE + " init: seconds to build the adapters (statistics included)." + mix_note(groups)
-    columns = [*labels, INIT_SECONDS.header("init"), "trainable params", "seeds"]
+    columns = [*labels, INIT_SECONDS.header("init"), "trainable params", SEEDS]
     bold = _bold(stats, [spec for _, _, spec in keys])
     return Table(name, "Results", columns, list(groups), cells, bold, note)
 
@@ -392,9 +395,7 @@ def rank_table(runs: Sequence[RunResult], quantity: str = "update") -> Table | N
     tasks = {get(r, "task.name") for r in probed}
     over = "runs (seeds and tasks)" if len(tasks) > 1 else "seeds"
     note = f"At the last probed step; mean over the layers of each type, mean ± std over {over}."
-    return Table(
-        f"rank_{quantity}", RANK_TITLES[quantity], [*kinds, "seeds"], list(finals), cells, set(), note
-    )
+    return Table(f"rank_{quantity}", RANK_TITLES[quantity], [*kinds, SEEDS], list(finals), cells, set(), note)
 
 
 PAPER_TABLES: tuple[Callable[[Sequence[RunResult]], Table | None], ...] = (

@@ -345,6 +345,7 @@ def test_a_run_shared_by_two_views_is_one_file_read_by_both(tmp_path: Path) -> N
     written = regenerate(root, tmp_path / "out")
     names = sorted(p.name for p in written)
     assert "ablation__overview.md" in names and "table__overview.md" in names and "table_curves.png" in names
+    assert "table__math_code.md" not in names  # a table of `-` only (seed counts aside) is not written
     assert "| lora | 70.00 |" in (tmp_path / "out" / "tables" / "ablation__overview.md").read_text()
 
 
