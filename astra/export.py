@@ -34,10 +34,11 @@ USAGE = (
 
 def export_init(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     """Build the method's initialisation for `cfg` and write adapter, residual model and summary."""
+    from astra.build import build_trainable
     from astra.data import build_task
     from astra.methods import get_method
     from astra.models import load_model
-    from astra.run import build_context
+    from astra.pipeline import build_context
 
     out = Path(output_dir)
     method = get_method(cfg.method.name)
@@ -46,7 +47,7 @@ def export_init(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     model, tokenizer, model_id = load_model(cfg.model, cfg.task, cfg.paths.cache_dir, seed=cfg.seed)
     task = build_task(cfg.task, tokenizer, cfg.paths.data_dir, seed=cfg.seed)
-    peft_model, report = method.build(model, build_context(cfg, task, model_id))
+    peft_model, report = build_trainable(model, method, build_context(cfg, task, model_id))
     save_init(peft_model, tokenizer, out)
     summary = {
         "config": OmegaConf.to_container(cfg, resolve=True),
@@ -114,7 +115,7 @@ def split_argv(argv: list[str]) -> tuple[str, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from astra.run import compose_config
+    from astra.pipeline import compose_config
 
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
     output_dir, overrides = split_argv(list(sys.argv[1:] if argv is None else argv))

@@ -164,11 +164,13 @@ def load_methods() -> list[str]:
             importlib.import_module(f"{package}.{info.name}")
     for module in METHOD_MODULES:
         importlib.import_module(module)
-    return registered_methods()
+    return sorted(_REGISTRY)
 
 
 def get_method(name: str) -> InitMethod:
     """An instance of the method registered as `name`; its `name` is the registry key (presets)."""
+    if name not in _REGISTRY:
+        load_methods()
     if name not in _REGISTRY:
         raise KeyError(f"unknown method {name!r}; valid methods: {', '.join(sorted(_REGISTRY))}")
     method = _REGISTRY[name]()
@@ -177,4 +179,16 @@ def get_method(name: str) -> InitMethod:
 
 
 def registered_methods() -> list[str]:
+    """Every registered method name (all of them: `load_methods` runs first; imports are cached)."""
+    _load_once()
     return sorted(_REGISTRY)
+
+
+_loaded = False
+
+
+def _load_once() -> None:
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        load_methods()

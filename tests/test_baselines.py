@@ -14,18 +14,20 @@ from peft.tuners.lora.corda import calib_cov_distribution
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from astra.adapters import LayerSpec
-from astra.methods import BuildContext, get_method
+from astra.build import build_trainable
+from astra.methods import BuildContext, LayerSpec, get_method, registered_methods
 from astra.models import random_config
-from astra.stats import collect_group, stat_options
+from astra.stats import collect_statistics, stat_options
 from baselines.corda import CorDAMethodConfig
 from baselines.eva import EVAMethodConfig, eva_config, eva_model
+from baselines.lora import LoRAConfig
 from baselines.lora_ga import LoraGAMethodConfig
 from baselines.pissa import PiSSAConfig
 from tests.conftest import requires_data
 
-ADAPTERS = ["lora", "dora", "pissa", "milora", "olora", "lora_ga", "corda", "eva"]
-ALL_METHODS = [*ADAPTERS, "full_ft"]
+# from the registry: a new method is tested without editing this file (Astra's presets: tests/test_astra_init.py)
+ALL_METHODS = [m for m in registered_methods() if not m.startswith("astra")]
+ADAPTERS = [m for m in ALL_METHODS if get_method(m).trains_adapters]
 RANK, ALPHA = 4, 8.0
 SCALING = ALPHA / RANK
 
@@ -52,6 +54,14 @@ def spectral_matrix(d_out: int, d_in: int, seed: int = 0, gap: float = 1.0) -> t
 
 def spec(method_cfg: object, rank: int = RANK, scaling: float = SCALING) -> LayerSpec:
     return LayerSpec(name="layer", rank=rank, scaling=scaling, method=method_cfg)
+
+
+def chain_text(err: BaseException | None) -> str:
+    """Messages of an exception and its causes (Hydra wraps OmegaConf's validation error)."""
+    text = ""
+    while err is not None:
+        text, err = text + str(err) + "\n", err.__cause__ or err.__context__
+    return text
 
 
 def assert_close(a: torch.Tensor, b: torch.Tensor, atol: float = 1e-4) -> None:
@@ -145,9 +155,10 @@ def test_lora_ga_peft_formula_puts_singular_values_into_b() -> None:
     assert_close(init.residual, W - SCALING * init.B @ init.A)
 
 
-def test_lora_ga_rejects_unknown_options_and_missing_gradients() -> None:
-    with pytest.raises(ValueError, match="valid: ArB2r"):
-        get_method("lora_ga").init(torch.randn(8, 8), torch.randn(8, 8), lora_ga_spec(direction="BA"))
+def test_lora_ga_rejects_unknown_options_at_compose_time_and_missing_gradients(compose) -> None:
+    with pytest.raises(Exception) as err:
+        compose(["method=lora_ga", "method.direction=BA"])
+    assert "expected one of [ArB2r, A2rBr, ArBr, random]" in chain_text(err.value)
     with pytest.raises(ValueError, match="has no gradient"):
         get_method("lora_ga").init(torch.randn(8, 8), None, lora_ga_spec())
 
@@ -181,11 +192,12 @@ def test_corda_statistics_equal_peft_calib_cov_distribution() -> None:
         {"input_ids": ids[:2], "attention_mask": mask[:2]},
         {"input_ids": ids[2:], "attention_mask": mask[2:]},
     ]
-    ours = collect_group(model, {"proj": model.proj}, batches, stat_options(CorDAMethodConfig(), "input_cov"))
+    options = stat_options(CorDAMethodConfig(), "input_cov")
+    ours = dict(collect_statistics(model, {"proj": model.proj}, "input_cov", batches, options))
     config = LoraConfig(r=2, target_modules=["proj"], corda_config=CordaConfig())
     samples = [ids[i : i + 1, : int(mask[i].sum())] for i in range(3)]
     calib_cov_distribution(model, config, lambda: [model(s) for s in samples], None, None)
-    assert_close(ours["proj"].covariance(), model.proj.covariance_matrix, 1e-6)
+    assert_close(ours["proj"].matrix, model.proj.covariance_matrix, 1e-6)
 
 
 class ToyLM(nn.Module):
@@ -235,14 +247,14 @@ def test_eva_fails_clearly_when_label_masking_leaves_too_few_tokens() -> None:
         eva_model(model, config, batches)
 
 
-def test_lora_init_option_names_peft_inits() -> None:
+def test_lora_init_option_names_peft_inits_and_dora_is_a_preset(compose) -> None:
     lora = get_method("lora")
-    assert lora.peft_kwargs(SimpleNamespace(name="lora", init="gaussian")) == {
-        "init_lora_weights": "gaussian"
-    }
-    with pytest.raises(ValueError, match="valid: kaiming, gaussian"):
-        lora.peft_kwargs(SimpleNamespace(name="lora", init="xavier"))
-    assert get_method("dora").peft_kwargs(SimpleNamespace(name="dora", init="kaiming"))["use_dora"] is True
+    assert lora.peft_kwargs(LoRAConfig(name="lora", init="gaussian")) == {"init_lora_weights": "gaussian"}
+    with pytest.raises(Exception) as err:
+        compose(["method=lora", "method.init=xavier"])  # rejected when the config is composed
+    assert "expected one of [kaiming, gaussian]" in chain_text(err.value)
+    dora = compose(["method=dora"]).method
+    assert type(get_method("dora")) is type(lora) and get_method("dora").peft_kwargs(dora)["use_dora"] is True
 
 
 # --- whole models: function preserved, parameter counts ---------------------------------------------
@@ -279,7 +291,7 @@ def built(compose, model_name: str, task_type: str, method: str) -> tuple[nn.Mod
     cfg = compose([f"model={model_name}", f"method={method}", f"method.rank={RANK}", f"method.alpha={ALPHA}"])
     batches = calib(task_type)
     ctx = BuildContext(cfg=cfg, calib_batches=lambda: batches, task_type=task_type, model_id=model_name)
-    model, _ = get_method(method).build(copy.deepcopy(base).eval(), ctx)
+    model, _ = build_trainable(copy.deepcopy(base).eval(), get_method(method), ctx)
     return base.eval(), model.eval(), batches
 
 
@@ -331,8 +343,8 @@ def test_lora_ga_uses_at_most_grad_batches(compose) -> None:
     cfg = compose(["model=tiny-bert", "method=lora_ga", "method.grad_batches=1"])
     batches = calib("SEQ_CLS")
     ctx = BuildContext(cfg=cfg, calib_batches=lambda: batches, task_type="SEQ_CLS")
-    _, report = get_method("lora_ga").build(base, ctx)
-    assert report.extra["grad_batches"] == 1 and len(report.layers) == 12
+    _, report = build_trainable(base, get_method("lora_ga"), ctx)
+    assert report.extra["calib_batches_used"] == 1 and len(report.layers) == 12
 
 
 # --- end to end on tiny-bert + MRPC ---------------------------------------------------------------------
