@@ -5,10 +5,11 @@ output covariance formed from the shared input moment (`LayerStats.input_moment`
 d_out > d_in + 1, `C = W_aug P W_aug^T` has rank <= d_in + 1; its range is computed from the
 (d_in+1)-sized problem, exactly:
 
-    P = L L^T (eigh, negative round-off clipped),  F = W_aug L = U S Q^T (thin SVD)  =>  C = U S^2 U^T
+    P = L L^T (eigh, negative round-off clipped),  F = W_aug L,  F^T F = Q diag(S^2) Q^T  =>  C = U S^2 U^T
 
-so the range eigenpairs are (S^2, U) and the other d_out - k eigenvalues are 0 with eigenvectors any
-orthonormal basis of range(F)^perp; we take the deterministic complete-QR complement of U. That
+with U = F Q / S (both small eigenproblems in fp64, (d_in+1)^3 each), so the range eigenpairs are
+(S^2, U) and the other d_out - k eigenvalues are 0 with eigenvectors any orthonormal basis of
+range(F)^perp; we take the deterministic complete-QR complement of U. That
 complement is the null space of W_aug^T (when P is non-singular): a tail selection there gives
 V^T W = 0, i.e. A = 0 and B spans directions the layer cannot produce. `decompose` reports it per
 layer (`info["null_dim"]`, `info["tail_is_null_space"]`) and warns once with the numbers.
@@ -72,7 +73,7 @@ def decompose(stats: Any, eig_dtype: str = "fp32") -> Eigens:
     w_aug = getattr(stats, "weight_aug", None)
     d = matrix.shape[0]
     if moment is not None and w_aug is not None and d > moment.shape[0]:
-        values, vectors, rank = range_eigens(w_aug.to(dtype), moment.to(dtype))
+        values, vectors, rank = range_eigens(w_aug, moment, dtype)
         info = {"solver": "range", "range_dim": moment.shape[0], "null_dim": d - rank}
     else:
         values, vectors = torch.linalg.eigh(matrix.to(dtype))
@@ -86,21 +87,32 @@ def decompose(stats: Any, eig_dtype: str = "fp32") -> Eigens:
     return Eigens(values, vectors, info)
 
 
-def range_eigens(w_aug: torch.Tensor, moment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(values (d_out,) ascending, vectors (d_out, d_out), k) of C = w_aug P w_aug^T via its range.
+def range_eigens(
+    w_aug: torch.Tensor, moment: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(values (d_out,) ascending, vectors (d_out, d_out), numerical rank k) of C = w_aug P w_aug^T.
 
-    w_aug (d_out, m), P (m, m) PSD, m < d_out. The first d_out - k values are 0 (null space of C),
-    the last k are S^2 of F = w_aug L with P = L L^T.
+    w_aug (d_out, m), P (m, m) PSD, m < d_out. The m-sized eigenproblems run in fp64 (cheap: m^3):
+    P = L L^T, G = F^T F = L^T W^T W L = Q diag(S^2) Q^T with F = w_aug L, so C's range eigenpairs are
+    (S^2, F Q / S) for the S above round-off; the rest of R^d_out (values exactly 0) is the complement
+    from a complete QR in `dtype`, whose first k columns also replace F Q / S (exactly orthonormal).
     """
-    lam, Q = torch.linalg.eigh((moment + moment.T) / 2)
-    L = Q * lam.clamp(min=0).sqrt()  # (m, m), P = L L^T
-    U, S, _ = torch.linalg.svd(w_aug @ L, full_matrices=False)  # U (d_out, m), S descending
-    k = U.shape[1]
-    complete, _ = torch.linalg.qr(U, mode="complete")  # (d_out, d_out): first k span range(U)
-    null = complete[:, k:]
-    values = torch.cat([torch.zeros(w_aug.shape[0] - k, dtype=S.dtype, device=S.device), (S**2).flip(0)])
-    vectors = torch.cat([null, U.flip(1)], dim=1)
-    return values, vectors, k
+    P, W = moment.double(), w_aug.double()
+    lam, Qp = torch.linalg.eigh((P + P.T) / 2)
+    L = Qp * lam.clamp(min=0).sqrt()  # (m, m), P = L L^T
+    F = W @ L  # (d_out, m)
+    s2, Q = torch.linalg.eigh(F.T @ F)  # ascending
+    s2 = s2.clamp(min=0)
+    tol = float(s2.max()) * max(W.shape) * torch.finfo(torch.float64).eps * 10
+    keep = s2 > tol  # ascending: the kept ones are the last k
+    k = int(keep.sum())
+    U = (F @ Q[:, keep]) / s2[keep].sqrt()  # (d_out, k), ascending eigenvalues
+    complete, R = torch.linalg.qr(U.to(dtype), mode="complete")  # (d_out, d_out)
+    signs = torch.sign(torch.diagonal(R))
+    signs[signs == 0] = 1
+    values = torch.cat([torch.zeros(W.shape[0] - k, dtype=torch.float64), s2[keep]])
+    vectors = torch.cat([complete[:, k:], complete[:, :k] * signs], dim=1)
+    return values.to(dtype), vectors, k
 
 
 def resolution(values: torch.Tensor, accum: torch.dtype, tokens: int) -> float:
@@ -195,4 +207,8 @@ def principal_angle_deg(a: torch.Tensor, b: torch.Tensor) -> float:
     s = torch.linalg.svdvals(qa.T @ qb).clamp(max=1.0)
     # sin of the largest angle = ||(I - qa qa^T) qb||_2: accurate for tiny angles (acos of s is not)
     sin = torch.linalg.matrix_norm(qb - qa @ (qa.T @ qb), ord=2).clamp(max=1.0)
-    return float(torch.rad2deg(torch.asin(sin))) if float(s.min()) > 0.5 else float(torch.rad2deg(torch.acos(s.min())))
+    return (
+        float(torch.rad2deg(torch.asin(sin)))
+        if float(s.min()) > 0.5
+        else float(torch.rad2deg(torch.acos(s.min())))
+    )
