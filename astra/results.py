@@ -18,6 +18,7 @@ Standard library only: `analysis` imports this module and nothing of the pipelin
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import fnmatch
@@ -28,6 +29,7 @@ import secrets
 import socket
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -376,15 +378,14 @@ def claim_is_stale(path: Path, info: Mapping[str, Any], timeout_s: float) -> boo
 def try_claim(results_dir: str | Path, sig: str, timeout_s: float) -> Claim | dict[str, Any]:
     """Claim run `sig`: a Claim when this process now holds it, else the live holder's info.
 
-    Creation is O_CREAT|O_EXCL, so of two processes exactly one gets the file. A stale claim is taken
-    over by renaming it to a name of our own (atomic: one renamer wins) and checking that what we
-    renamed is the stale claim we judged; if a fresh claim slipped in between, it is put back.
+    Creation is O_CREAT|O_EXCL, so of two processes exactly one gets the file; a stale claim is removed
+    (`take_over`) and the creation retried.
     """
     path = claim_path(results_dir, sig)
     path.parent.mkdir(parents=True, exist_ok=True)
     info = {"host": socket.gethostname(), "pid": os.getpid(), "started_at": now_iso(),
             "token": secrets.token_hex(8)}  # fmt: skip
-    for _ in range(10):
+    for _ in range(200):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
@@ -398,23 +399,28 @@ def try_claim(results_dir: str | Path, sig: str, timeout_s: float) -> Claim | di
             f.flush()
             os.fsync(f.fileno())
         return Claim(path, info)
-    raise RuntimeError(f"{path}: could not claim after 10 attempts (claims changing under us)")
+    raise RuntimeError(f"{path}: could not claim after 200 attempts (claims changing under us)")
 
 
 def take_over(path: Path, judged: Mapping[str, Any]) -> None:
-    """Remove the stale claim `judged` from `path`, never a fresher one that replaced it meanwhile."""
-    aside = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    """Remove the stale claim `judged` from `path`, never a fresher one that replaced it meanwhile.
+
+    Removals are serialised by a lock file (O_EXCL), and the claim is re-read under it: of several
+    processes that judged the same claim stale, one removes it and the others find the new claim."""
+    lock = path.with_name(f"{path.name}.lock")
     try:
-        os.rename(path, aside)
-    except FileNotFoundError:
-        return  # another process took it over first
-    moved = read_claim(aside)
-    if moved and dict(moved) != dict(judged):  # a fresh claim replaced the stale one: put it back
-        try:
-            os.link(aside, path)
-        except FileExistsError:
-            pass
-    aside.unlink(missing_ok=True)
+        os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+    except FileExistsError:
+        with contextlib.suppress(OSError):
+            if time.time() - lock.stat().st_mtime > 60.0:  # its holder died mid-takeover
+                lock.unlink()
+        time.sleep(0.05)
+        return
+    try:
+        if dict(read_claim(path)) == dict(judged):
+            path.unlink(missing_ok=True)
+    finally:
+        lock.unlink(missing_ok=True)
 
 
 def holder_text(info: Mapping[str, Any]) -> str:

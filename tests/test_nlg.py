@@ -21,7 +21,7 @@ pytestmark = requires_data
 @pytest.fixture(scope="module")
 def tiny():
     """(config factory, model, tokenizer) for the random tiny-llama."""
-    from astra.run import compose_config
+    from astra.pipeline import compose_config
 
     cfg = compose_config(["model=tiny-llama", "task=metamath"])
     model, tokenizer, _ = load_model(cfg.model, cfg.task, cfg.paths.cache_dir, seed=0)
@@ -29,7 +29,7 @@ def tiny():
 
 
 def make_task(name: str, tokenizer, *overrides: str):
-    from astra.run import compose_config
+    from astra.pipeline import compose_config
 
     cfg = compose_config(["model=tiny-llama", f"task={name}", *overrides])
     return build_task(cfg.task, tokenizer, cfg.paths.data_dir, seed=0)
@@ -126,7 +126,7 @@ def test_batched_left_padded_generation_equals_one_by_one(tiny):
 
 def test_code_task_refuses_to_execute_without_permission(tiny):
     model, tok = tiny
-    from astra.run import compose_config
+    from astra.pipeline import compose_config
 
     task = make_task("code", tok)
     eval_cfg = compose_config(["eval.limit=1"]).eval
@@ -207,3 +207,46 @@ def test_lm_eval_loglik_accuracy_matches_a_direct_computation(tiny, tmp_path, na
             scores = [continuation_logprob(model, tok, doc["query"], " " + c) for c in doc["choices"]]
         hits.append(int(torch.tensor(scores).argmax()) == doc["gold"])
     assert got[name]["acc"] == pytest.approx(sum(hits) / limit)
+
+
+# --- declared metrics -----------------------------------------------------------------------------
+def test_math_evaluation_reports_only_declared_metrics_with_kinds(tiny):
+    model, tok = tiny
+    from astra.pipeline import compose_config
+
+    task = make_task("metamath", tok, "task.eval_sets=[gsm8k]")
+    metrics = task.evaluate(model, compose_config(["eval.limit=2", "eval.max_new_tokens=4"]).eval)
+    specs = task.metric_specs(metrics)
+    assert specs["gsm8k/accuracy"] == {"kind": "fraction", "higher_is_better": True}
+    assert specs["gsm8k/n"]["kind"] == "count" and metrics["gsm8k/n"] == 2
+    assert all(specs[k]["kind"] == "rate" for k in metrics if k.startswith("throughput/"))
+
+
+@pytest.mark.parametrize(
+    "name, metrics, kinds",
+    [
+        ("code", {"humaneval/pass@1": 0.1, "humaneval/n": 3.0, "throughput/humaneval/samples_per_s": 2.0},
+         ["fraction", "count", "rate"]),
+        ("commonsense", {"gen/boolq/accuracy": 0.5, "gen/avg_accuracy": 0.5, "gen/boolq/n": 4.0,
+                         "loglik/boolq/acc": 0.5, "loglik/boolq/acc_norm": 0.5, "loglik/avg_acc": 0.5,
+                         "commonsense/n_tasks": 1.0},
+         ["fraction", "fraction", "count", "fraction", "fraction", "fraction", "count"]),
+    ],
+)  # fmt: skip
+def test_nlg_metric_names_are_declared_by_their_task(tiny, name, metrics, kinds):
+    _, tok = tiny
+    specs = make_task(name, tok).metric_specs(metrics)
+    assert [specs[k]["kind"] for k in metrics] == kinds
+    with pytest.raises(ValueError, match="declared by no spec"):
+        make_task(name, tok).metric_specs({"surprise/metric": 1.0})
+
+
+@pytest.mark.parametrize("override", ["task.prompt_style=alpacca", "task.protocols=[loglikelihood]",
+                                      "task.train_source=web"])  # fmt: skip
+def test_nlg_choices_fail_at_compose_time(override):
+    from hydra.errors import ConfigCompositionException
+
+    from astra.pipeline import compose_config
+
+    with pytest.raises(ConfigCompositionException):
+        compose_config(["model=tiny-llama", "task=commonsense", override])

@@ -1,45 +1,111 @@
-"""Results store: signature stability, schema validation, atomic writes."""
+"""Results store: run identity, typed and verified results, views, claims, schema-1 migration."""
 
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from astra import results
-from astra.results import RunInfo, RunResult, finished, read_result, signature, write_atomic, write_result
+from astra.config import run_identity
+from astra.results import (
+    RunInfo,
+    RunResult,
+    StoreError,
+    finished,
+    load_runs,
+    read_result,
+    run_path,
+    signature_of,
+    sweep_signatures,
+    try_claim,
+    write_atomic,
+    write_result,
+)
+
+TINY = ["model=tiny-bert"]
 
 
-def test_signature_is_stable_and_ignores_non_result_fields(compose):
-    base = compose(["model=tiny-bert"])
-    assert signature(base) == signature(compose(["model=tiny-bert"]))
-    same = compose(["model=tiny-bert", "logger=wandb", "paths.output_dir=/elsewhere", "sweep.name=other",
-                    "trainer.dataloader_num_workers=4", "device=cpu"])  # fmt: skip
-    assert signature(same) == signature(base)
+def sig(cfg) -> str:
+    return run_identity(cfg)[2]
+
+
+# --- run identity ---------------------------------------------------------------------------------
+def test_signature_is_stable_and_ignores_fields_that_cannot_change_a_result(compose):
+    base = compose(TINY)
+    assert sig(base) == sig(compose(TINY))
+    same = compose([*TINY, "logger=wandb", "paths.output_dir=/elsewhere", "sweep.name=other", "device=cpu",
+                    "trainer.dataloader_num_workers=4", "trainer.save_model=true", "eval.workers=7",
+                    "trainer.rank_probe_steps=[0,5]", "trainer.rank_probe_samples=3", "model.num_params=1M",
+                    "sweep.claim_timeout_s=5"])  # fmt: skip
+    assert sig(same) == sig(base)
 
 
 @pytest.mark.parametrize(
-    "change", ["seed=1", "method=full_ft", "trainer.lr=1e-3", "task=glue/rte", "method.rank=4"]
-)
+    "change", ["seed=1", "method=full_ft", "trainer.lr=1e-3", "task=glue/rte", "method.rank=4", "calib.n=8",
+               "trainer.scheduler=linear", "eval.limit=3", "model.dtype=bfloat16"],
+)  # fmt: skip
 def test_signature_changes_with_every_result_field(compose, change):
-    assert signature(compose(["model=tiny-bert", change])) != signature(compose(["model=tiny-bert"]))
+    assert sig(compose([*TINY, change])) != sig(compose(TINY))
+
+
+def test_unsigned_paths_come_from_schema_marks(compose):
+    _, unsigned, _ = run_identity(compose(TINY))
+    assert {"logger", "paths", "sweep", "device", "eval.workers", "trainer.save_model", "model.num_params",
+            "trainer.rank_probe_steps", "trainer.dataloader_num_workers"} <= set(unsigned)  # fmt: skip
+    assert not {"seed", "trainer.lr", "method.rank", "eval.limit"} & set(unsigned)
+
+
+def test_method_cache_and_stats_switches_are_not_in_the_signature(compose):
+    """Owners of the method schemas mark their exact switches; every mark must reach the signature."""
+    from astra import config
+    from astra.methods import get_method
+
+    compose(TINY)  # loads the registry
+    marked = 0
+    for name in ("astra", "corda", "lora_ga", "eva"):
+        schema = type(get_method(name)).schema
+        for field in sorted(config.unsigned_fields(schema)):
+            value = getattr(compose([*TINY, f"method={name}"]).method, field)
+            flipped = (not value) if isinstance(value, bool) else None
+            if flipped is None:
+                continue
+            assert sig(compose([*TINY, f"method={name}", f"method.{field}={str(flipped).lower()}"])) == sig(
+                compose([*TINY, f"method={name}"])
+            ), f"{name}.{field}"
+            marked += 1
+    assert "cache" in config.unsigned_fields(type(get_method("astra")).schema)
+    assert marked >= 1
 
 
 def test_signature_independent_of_key_order():
     a = {"x": 1, "y": {"b": 2, "a": [1, 2]}}
     b = {"y": {"a": [1, 2], "b": 2}, "x": 1}
-    assert signature(a) == signature(b)
-    assert signature(a) != signature({**a, "x": 2})
+    assert signature_of(a, []) == signature_of(b, [])
+    assert signature_of(a, []) != signature_of({**a, "x": 2}, [])
+    assert signature_of(a, ["x"]) == signature_of({**a, "x": 2}, ["x"])
 
 
-def make_result(status: str = "success") -> RunResult:
-    return RunResult(run_info=RunInfo(signature="abc", sweep="s", status=status, config={"seed": 0}))
+# --- typed, verified results ----------------------------------------------------------------------
+def make_result(status: str = "success", config: dict | None = None, sweep: str = "s") -> RunResult:
+    config = config or {"seed": 0, "logger": {"name": "none"}}
+    unsigned = ["logger"]
+    return RunResult(run_info=RunInfo(signature=signature_of(config, unsigned), sweep=sweep, status=status,
+                                      config=config, unsigned=unsigned))  # fmt: skip
 
 
 def test_round_trip_and_validation(tmp_path):
-    path = tmp_path / "s" / "abc.json"
-    write_result(path, make_result())
-    assert read_result(path) == make_result()
+    result = make_result()
+    path = run_path(tmp_path, result.run_info.signature)
+    write_result(path, result)
+    assert read_result(path) == result and result.schema_version == 2
+    assert path.stat().st_mode & 0o777 == 0o644
     data = json.loads(path.read_text())
     assert set(data) == {"run_info", "train_info", "eval_info", "meta_info", "schema_version"}
     data["train_info"]["surprise"] = 1
@@ -49,12 +115,64 @@ def test_round_trip_and_validation(tmp_path):
         RunResult.from_dict({"run_info": {**data["run_info"], "status": "maybe"}})
 
 
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda d: d["eval_info"]["metrics"].update(accuracy="0.9"), "not a number"),
+        (lambda d: d["eval_info"]["metrics"].update(accuracy=float("nan")), "successful run"),
+        (lambda d: d["run_info"]["config"].update(seed=3), "hashes to"),  # config edited after the run
+    ],
+)
+def test_read_refuses_untrustworthy_files_naming_them(tmp_path, edit, message):
+    result = make_result()
+    path = run_path(tmp_path, result.run_info.signature)
+    data = result.to_dict()
+    edit(data)
+    write_atomic(path, data)
+    with pytest.raises(StoreError, match=message) as err:
+        read_result(path)
+    assert str(path) in str(err.value)
+    assert not finished(path)
+
+
+def test_file_name_must_be_the_signature(tmp_path):
+    result = make_result()
+    path = run_path(tmp_path, "0" * 12)
+    write_result(path, result)
+    with pytest.raises(StoreError, match="holds run"):
+        read_result(path)
+
+
+def test_load_runs_reports_every_bad_file_or_skips_them(tmp_path, capsys):
+    good = make_result()
+    write_result(run_path(tmp_path, good.run_info.signature), good)
+    (tmp_path / "runs" / "badbadbadbad.json").write_text('{"run_info": {"signa')
+    with pytest.raises(StoreError, match="badbadbadbad.json"):
+        load_runs(tmp_path)
+    assert load_runs(tmp_path, strict=False) == [good]
+    assert "badbadbadbad.json" in capsys.readouterr().err
+
+
+def test_views_select_runs_of_a_sweep(tmp_path):
+    a, b = make_result(config={"seed": 0}), make_result(config={"seed": 1})
+    for r in (a, b):
+        write_result(run_path(tmp_path, r.run_info.signature), r)
+    results.mark_view(tmp_path, "s1", a.run_info.signature)
+    results.mark_view(tmp_path, "s2", a.run_info.signature)
+    results.mark_view(tmp_path, "s2", b.run_info.signature)
+    assert sweep_signatures(tmp_path, "s1") == {a.run_info.signature}
+    assert [r.run_info.signature for r in load_runs(tmp_path, "s1")] == [a.run_info.signature]
+    assert len(load_runs(tmp_path, "s2")) == 2 and results.sweep_names(tmp_path) == ["s1", "s2"]
+
+
 def test_finished_only_for_readable_successes(tmp_path):
-    ok, failed, broken = tmp_path / "ok.json", tmp_path / "failed.json", tmp_path / "broken.json"
-    write_result(ok, make_result())
-    write_result(failed, make_result("failed"))
+    ok, failed = make_result(), make_result("failed", {"seed": 1})
+    for r in (ok, failed):
+        write_result(run_path(tmp_path, r.run_info.signature), r)
+    broken = tmp_path / "runs" / "broken.json"
     broken.write_text('{"run_info": {"signa')  # a torn write from a crashed non-atomic writer
-    assert finished(ok) and not finished(failed) and not finished(broken)
+    assert finished(run_path(tmp_path, ok.run_info.signature))
+    assert not finished(run_path(tmp_path, failed.run_info.signature)) and not finished(broken)
     assert not finished(tmp_path / "absent.json")
 
 
@@ -71,3 +189,115 @@ def test_atomic_write_keeps_old_file_when_interrupted(tmp_path, monkeypatch):
         write_atomic(path, {"v": 2})
     assert json.loads(path.read_text()) == {"v": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temp file left behind
+
+
+# --- metric specs ---------------------------------------------------------------------------------
+def test_metric_specs_by_name_or_pattern_with_default_direction():
+    from astra.config import MetricSpec
+    from astra.results import MetricKind, metric_specs
+
+    declared = [MetricSpec("accuracy"), MetricSpec("*/n", MetricKind.count), MetricSpec("loss", MetricKind.loss),
+                MetricSpec("matthews", MetricKind.score, higher_is_better=True)]  # fmt: skip
+    specs = metric_specs({"accuracy": 0.5, "gsm8k/n": 3, "loss": 1.0, "matthews": 0.1}, declared)
+    assert specs == {
+        "accuracy": {"kind": "fraction", "higher_is_better": True},
+        "gsm8k/n": {"kind": "count", "higher_is_better": True},
+        "loss": {"kind": "loss", "higher_is_better": False},
+        "matthews": {"kind": "score", "higher_is_better": True},
+    }
+    with pytest.raises(ValueError, match="throughput"):
+        metric_specs({"throughput": 3.0}, declared)
+
+
+# --- claims ---------------------------------------------------------------------------------------
+def test_claim_is_exclusive_and_released(tmp_path):
+    first = try_claim(tmp_path, "abc", timeout_s=3600)
+    assert isinstance(first, results.Claim)
+    assert set(json.loads(first.path.read_text())) >= {"host", "pid", "started_at"}
+    second = try_claim(tmp_path, "abc", timeout_s=3600)
+    assert second["pid"] == os.getpid() and not isinstance(second, results.Claim)
+    first.release()
+    assert not first.path.exists()
+    assert isinstance(try_claim(tmp_path, "abc", timeout_s=3600), results.Claim)
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()  # reaped: the pid names no process (nor a zombie)
+    return proc.pid
+
+
+def write_claim(tmp_path: Path, host: str, pid: int, started_at: str) -> Path:
+    path = results.claim_path(tmp_path, "abc")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"host": host, "pid": pid, "started_at": started_at, "token": "t"}))
+    return path
+
+
+def test_stale_claims_are_taken_over_live_ones_are_not(tmp_path):
+    host = socket.gethostname()
+    write_claim(tmp_path, host, dead_pid(), results.now_iso())  # a killed run on this host
+    assert isinstance(try_claim(tmp_path, "abc", timeout_s=3600), results.Claim)
+    write_claim(tmp_path, "other-host", 1, "2020-01-01T00:00:00+00:00")  # older than the timeout
+    assert isinstance(try_claim(tmp_path, "abc", timeout_s=3600), results.Claim)
+    path = write_claim(tmp_path, "other-host", 1, results.now_iso())  # alive for all we know
+    assert try_claim(tmp_path, "abc", timeout_s=3600)["host"] == "other-host"
+    write_claim(tmp_path, host, os.getpid(), results.now_iso())  # alive on this host
+    assert not isinstance(try_claim(tmp_path, "abc", timeout_s=3600), results.Claim)
+    assert path.exists()
+
+
+def test_release_never_removes_a_claim_that_is_no_longer_ours(tmp_path):
+    mine = try_claim(tmp_path, "abc", timeout_s=3600)
+    write_claim(tmp_path, "other-host", 1, results.now_iso())  # taken over after we went stale
+    mine.release()
+    assert json.loads(mine.path.read_text())["host"] == "other-host"
+
+
+def race(args: tuple[str, int]) -> bool:
+    root, _ = args
+    return isinstance(try_claim(root, "abc", timeout_s=3600), results.Claim)
+
+
+def test_concurrent_claims_have_exactly_one_winner(tmp_path):
+    host = socket.gethostname()
+    write_claim(tmp_path, host, dead_pid(), results.now_iso())  # and they all race to take a stale one over
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        won = pool.map(race, [(str(tmp_path), i) for i in range(8)])
+    # winners hold their claim until their process exits; a pool worker that won keeps the file
+    assert sum(won) == 1, won
+
+
+# --- migration of schema-1 stores -----------------------------------------------------------------
+def legacy_file(results_dir: Path, sweep: str, cfg, status: str = "success") -> Path:
+    """A result as schema 1 wrote it: `<sweep>/<old signature>.json`, no `unsigned`, version 1."""
+    config = run_identity(cfg)[0]
+    data = make_result(status, config).to_dict()
+    data["schema_version"] = 1
+    data["run_info"].pop("unsigned")
+    data["run_info"]["signature"] = f"old{len(list(results_dir.rglob('*.json'))):09d}"
+    data["run_info"]["sweep"] = sweep
+    path = results_dir / sweep / f"{data['run_info']['signature']}.json"
+    write_atomic(path, data)
+    return path
+
+
+def test_migration_moves_schema_1_files_into_runs_and_views(compose, tmp_path):
+    from astra.pipeline import migrate_store
+
+    store = tmp_path / "results"
+    cfg, other = compose([*TINY, "method.rank=4"]), compose([*TINY, "seed=1"])
+    # one run computed by two sweeps, and a failed copy of it: one result, the success, two views
+    legacy_file(store, "glue_table1", cfg)
+    legacy_file(store, "ablation_rank", cfg)
+    legacy_file(store, "ablation_rank", cfg, status="failed")
+    legacy_file(store, "ablation_rank", other, status="failed")
+    assert migrate_store(store) == 4
+    assert sorted(p.name for p in (store / "runs").iterdir()) == sorted(f"{sig(c)}.json" for c in (cfg, other))
+    migrated = read_result(run_path(store, sig(cfg)))  # verified against today's signature
+    assert migrated.ok and migrated.schema_version == 2 and "paths" in migrated.run_info.unsigned
+    assert sweep_signatures(store, "glue_table1") == {sig(cfg)}
+    assert sweep_signatures(store, "ablation_rank") == {sig(cfg), sig(other)}
+    assert len(list((store / "legacy").rglob("*.json"))) == 4
+    assert not list(store.glob("glue_table1/*.json")) and not list(store.glob("ablation_rank/*.json"))
+    assert migrate_store(store) == 0  # idempotent
