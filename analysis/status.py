@@ -3,8 +3,9 @@ view in the results store, read from the store alone.
 
 A run of the view (a marker `<results_dir>/views/<sweep>/<signature>`, written when the run starts or is
 skipped) is `present` (a successful result), `failed` (a failed or unreadable result), `running` (no
-result yet, a claim `<results_dir>/claims/<signature>.claim` is held) or `missing` (neither: the run
-started and died without writing, or was never run). A caller that expanded the sweep file (the
+successful result, a live claim `<results_dir>/claims/<signature>.claim` is held) or `missing` (neither:
+the run started and died without writing, or was never run; a stale claim -- its process gone on this
+host, or older than the timeout -- does not count). A caller that expanded the sweep file (the
 pipeline side) may pass the signatures it `expected`: those absent from the view count as `missing` too.
 """
 
@@ -22,6 +23,7 @@ from analysis.store import get
 from astra.results import (
     RunResult,
     StoreError,
+    claim_is_stale,
     claim_path,
     holder_text,
     read_claim,
@@ -32,6 +34,9 @@ from astra.results import (
 )
 
 STATES = ("present", "failed", "running", "missing")
+# A claim older than this is stale whatever its host (the schema's default `sweep.claim_timeout_s`); a
+# claim whose process is gone on this host is stale at once.
+CLAIM_TIMEOUT_S = 7 * 24 * 3600.0
 
 
 @dataclass
@@ -50,28 +55,38 @@ class RunState:
         )
 
 
-def run_state(results_dir: str | Path, sig: str) -> RunState:
-    """State of the run with signature `sig` in the store."""
-    path = run_path(results_dir, sig)
+def run_state(results_dir: str | Path, sig: str, claim_timeout_s: float = CLAIM_TIMEOUT_S) -> RunState:
+    """State of the run with signature `sig` in the store: a live claim on a run without a successful
+    result is `running` (a rerun of a failed run included); a stale claim counts for nothing."""
+    path, claim = run_path(results_dir, sig), claim_path(results_dir, sig)
+    result, problem = None, ""
     if path.exists():
         try:
             result = read_result(path)
         except StoreError as err:
-            return RunState(sig, "failed", f"unreadable result: {err}")
-        if result.ok:
-            return RunState(sig, "present", "", result)
-        lines = [line for line in result.run_info.error.strip().splitlines() if line.strip()]
-        return RunState(sig, "failed", lines[-1] if lines else "status failed, no error recorded", result)
-    claim = claim_path(results_dir, sig)
-    if claim.exists():
-        return RunState(sig, "running", f"claimed by {holder_text(read_claim(claim))}")
-    return RunState(sig, "missing")
+            problem = f"unreadable result: {err}"
+    holder = read_claim(claim)
+    if claim.exists() and not claim_is_stale(claim, holder, claim_timeout_s) and not (result and result.ok):
+        return RunState(sig, "running", f"claimed by {holder_text(holder)}", result)
+    if problem:
+        return RunState(sig, "failed", problem)
+    if result is None:
+        return RunState(sig, "missing")
+    if result.ok:
+        return RunState(sig, "present", "", result)
+    lines = [line for line in result.run_info.error.strip().splitlines() if line.strip()]
+    return RunState(sig, "failed", lines[-1] if lines else "status failed, no error recorded", result)
 
 
-def sweep_status(results_dir: str | Path, sweep: str, expected: Iterable[str] = ()) -> list[RunState]:
+def sweep_status(
+    results_dir: str | Path,
+    sweep: str,
+    expected: Iterable[str] = (),
+    claim_timeout_s: float = CLAIM_TIMEOUT_S,
+) -> list[RunState]:
     """Every run of the sweep's view (plus `expected` signatures), sorted by signature."""
     signatures = sweep_signatures(results_dir, sweep) | set(expected)
-    return [run_state(results_dir, sig) for sig in sorted(signatures)]
+    return [run_state(results_dir, sig, claim_timeout_s) for sig in sorted(signatures)]
 
 
 def counts_line(runs: Sequence[RunState]) -> str:

@@ -286,10 +286,14 @@ def commonsense_table(runs: Sequence[RunResult]) -> Table:
 
 
 def populated_columns(runs: Sequence[RunResult]) -> list[Column]:
-    """The benchmark columns of every family that at least one run has a value for."""
-    return [
+    """The paper columns that at least one run has a value for, then one column (its main metric) per
+    task no paper column covers: an ablation on a task outside the paper's tables is never left out."""
+    columns = [
         c for cols in FAMILIES.values() for c in cols if any(column_value(r, c) is not None for r in runs)
     ]
+    covered = {str(get(r, "task.name")) for r in runs if any(column_value(r, c) is not None for c in columns)}
+    others = sorted({str(get(r, "task.name")) for r in runs} - covered)
+    return columns + [Column(task, (task.split("/")[-1],)) for task in others]
 
 
 def ablation_table(runs: Sequence[RunResult], prefix: str, name: str, title: str) -> Table | None:

@@ -4,8 +4,10 @@ method order / colours derived for every registered method."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import math
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -313,6 +315,11 @@ def test_ablation_table_rows_are_the_ablated_values() -> None:
     assert table.columns == ["RTE (%) ↑", "seeds"] and table.cells == [["60.00", "1"], ["71.00 ± 1.41", "2"]]
     assert table.bold == {(1, 0)}
     assert ablation_select_table(runs[:2]) is None  # nothing ablated
+    toy = [
+        _run("astra", "toy/parity", 0, {"accuracy": v}, method={"select": k})
+        for k, v in (("tail", 0.9), ("head", 0.5))
+    ]
+    assert ablation_select_table([*runs, *toy]).columns == ["RTE (%) ↑", "toy/parity (%) ↑", "Avg (%) ↑", "seeds"]
 
 
 def test_unsigned_fields_are_not_ablation_axes() -> None:
@@ -353,24 +360,46 @@ def test_status_from_views_results_and_claims(store: Path) -> None:
     from analysis.status import format_status, sweep_status
 
     mark_view(store, "s", "000000000000")  # started, died without a result
-    mark_view(store, "s", "111111111111")
-    claim = {"host": "h", "pid": 7, "started_at": "2026-01-01T00:00:00+00:00", "token": "t"}
+    now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    claims = {
+        "111111111111": {"host": "elsewhere", "pid": 7, "started_at": now, "token": "t"},  # live, other host
+        "444444444444": {
+            "host": socket.gethostname(),
+            "pid": 2**22 + 1,
+            "started_at": now,
+            "token": "t",
+        },  # pid gone
+        "555555555555": {
+            "host": "elsewhere",
+            "pid": 7,
+            "started_at": "2026-01-01T00:00:00+00:00",
+            "token": "t",
+        },
+    }  # the last is older than the timeout
     (store / "claims").mkdir()
-    (store / "claims" / "111111111111.claim").write_text(json.dumps(claim))
+    for sig, claim in claims.items():
+        mark_view(store, "s", sig)
+        (store / "claims" / f"{sig}.claim").write_text(json.dumps(claim))
+    failed_sig = _glue_runs()[-1].run_info.signature  # a rerun of the failed run, claimed: running
+    (store / "claims" / f"{failed_sig}.claim").write_text(json.dumps(claims["111111111111"]))
     bad = _glue_runs()[0]
     mark_view(store, "s", "222222222222")
     run_path(store, "222222222222").write_text(json.dumps(bad.to_dict()))  # holds another signature
     states = {r.signature: r for r in sweep_status(store, "s", expected=["333333333333"])}
-    assert states["000000000000"].state == "missing" and states["333333333333"].state == "missing"
+    missing = ("000000000000", "333333333333", "444444444444", "555555555555")
+    assert [states[sig].state for sig in missing] == [
+        "missing"
+    ] * 4  # no result; stale claims count for nothing
     assert states["111111111111"].state == "running"
-    assert states["111111111111"].detail == "claimed by host h, pid 7, since 2026-01-01T00:00:00+00:00"
+    assert states["111111111111"].detail == f"claimed by host elsewhere, pid 7, since {now}"
     assert states["222222222222"].state == "failed" and "holds run" in states["222222222222"].detail
-    failed = [r for r in states.values() if r.result is not None and not r.result.ok]
-    assert [(r.state, r.detail, r.describe()) for r in failed] == [
-        ("failed", "OSError: disk", "lora / glue/cola / seed 0")
-    ]
-    text = format_status("s", list(states.values()))
-    assert text.splitlines()[0] == "sweep s: 10 runs: 5 present, 2 failed, 1 running, 2 missing"
+    rerun = states[failed_sig]
+    assert (rerun.state, rerun.describe()) == ("running", "lora / glue/cola / seed 0")
+    (store / "claims" / f"{failed_sig}.claim").unlink()
+    again = sweep_status(store, "s")
+    assert [(r.state, r.detail) for r in again if r.signature == failed_sig] == [("failed", "OSError: disk")]
+    text = format_status("s", again)
+    assert text.splitlines()[0] == "sweep s: 11 runs: 5 present, 2 failed, 1 running, 3 missing"
 
 
 def test_ema_and_curves_png(store: Path, tmp_path: Path) -> None:
