@@ -104,7 +104,10 @@ def describe(results_dir: str | Path, paper_item: PaperItem, scale: str = "paper
     if not sweeps:
         return "\n".join([*lines, f"no {scale}-scale sweep for this item"])
     for sweep in sweeps:
-        lines.append(f"- sweep `{sweep}`: {counts_line(sweep_status(results_dir, sweep))}")
+        states = sweep_status(results_dir, sweep)
+        lines.append(
+            f"- sweep `{sweep}`: {counts_line(states) if states else 'no view in the store (not run yet)'}"
+        )
     runs = [r for r in item_runs(results_dir, paper_item, scale) if r.ok]
     table = paper_item.table(runs) if paper_item.table and runs else None
     if table is not None and table.has_values():
