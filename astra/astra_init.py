@@ -74,15 +74,15 @@ def astra_factors(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(A (r, d_in), B (d_out, r), W_res (d_out, d_in)) in `weight`'s dtype.
 
-    Computed in fp32; W_res is formed from the *cast* factors (B.float() @ A.float()), so
+    Computed in fp32 (fp64 for an fp64 weight); W_res is formed from the *cast* factors, so
     W_res + s B A reproduces W up to the rounding of W_res itself.
     """
-    dtype = weight.dtype
-    w = weight.float()
-    v = vectors.to(device=w.device, dtype=torch.float32)
+    dtype, work = weight.dtype, torch.promote_types(weight.dtype, torch.float32)
+    w = weight.to(work)
+    v = vectors.to(device=w.device, dtype=work)
     B = v.contiguous().to(dtype)
     A = (v.T @ w).contiguous().to(dtype)
-    residual = (w - scaling * (B.float() @ A.float())).to(dtype)
+    residual = (w - scaling * (B.to(work) @ A.to(work))).to(dtype)
     return A, B, residual
 
 

@@ -10,19 +10,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 from omegaconf import OmegaConf
+from torch import nn
 
-from astra.astra_init import (
-    allocate_ranks,
-    astra_factors,
-    astra_init,
-    candidate_columns,
-    effective_rank,
-    layer_eigens,
-    random_orthonormal,
-    take_rank,
-)
+from astra.astra_init import AstraMethodConfig, allocate_ranks, astra_factors
+from astra.build import build_trainable
 from astra.calib import calibration_batches
-from astra.methods import BuildContext, get_method
+from astra.eigen import random_orthonormal
+from astra.erank import release_effective_rank
+from astra.methods import BuildContext, LayerSpec, get_method
+from astra.stats import LayerStats
 from tests.conftest import requires_data
 
 CACHE = os.environ.get("ASTRA_CACHE_DIR", str(Path.home() / ".cache" / "astra"))
@@ -46,18 +42,25 @@ def projector(v: torch.Tensor) -> torch.Tensor:
     return v @ v.T
 
 
+def astra_layer(cov: torch.Tensor, weight: torch.Tensor, rank: int, name: str = "layer", **options):
+    """(init, reduced) of method=astra on one layer whose output covariance is `cov` (d_out, d_out)."""
+    method, m = get_method("astra"), AstraMethodConfig(**options)
+    stats = LayerStats(name=name, kind="output_cov", matrix=cov, tokens=10**6, samples=1)
+    reduced = method.reduce(stats, m)
+    return method.init(weight, reduced, LayerSpec(name=name, rank=rank, scaling=2.0, method=m)), reduced
+
+
 @pytest.mark.parametrize("select", ["tail", "head", "middle"])
 @pytest.mark.parametrize("eig_dtype", ["fp32", "fp64"])
 def test_selection_projector_equals_expected_eigenvectors(select, eig_dtype):
     cov, q, lam = known_spectrum()
     d, r = 12, 3
     expected = {"tail": q[:, :r], "head": q[:, d - r :], "middle": q[:, d // 2 : d // 2 + r]}[select]
-    eig = layer_eigens(cov.float() if eig_dtype == "fp32" else cov, k=5, select=select, eig_dtype=eig_dtype)
-    v = eig.vectors[:, take_rank(eig.vectors, r, select)].double()
+    cov = cov.float() if eig_dtype == "fp32" else cov
+    init, reduced = astra_layer(cov, torch.randn(d, 7, dtype=cov.dtype), r, select=select, eig_dtype=eig_dtype)
     tol = 1e-5 if eig_dtype == "fp32" else 1e-12
-    assert torch.allclose(projector(v), projector(expected), atol=tol)
-    assert torch.allclose(eig.values.double(), lam, rtol=tol, atol=tol)
-    init = astra_init(torch.randn(d, 7), eig, r, scaling=2.0)
+    assert torch.allclose(projector(init.B.double()), projector(expected), atol=tol)
+    assert torch.allclose(reduced.tensors["values"].double(), lam, rtol=tol, atol=tol)
     assert init.info["energy_fraction"] == pytest.approx(spectrum_energy(lam, r, select), rel=1e-5)
 
 
@@ -67,25 +70,38 @@ def test_projector_test_can_fail():
     assert (projector(q[:, :3]) - projector(q[:, 1:4])).abs().max() > 0.1
 
 
+def test_reduced_is_rank_and_selection_independent():
+    """One reduction serves every rank and selection: what the content cache relies on."""
+    cov, q, _ = known_spectrum()
+    _, reduced = astra_layer(cov, torch.randn(12, 5, dtype=torch.float64), 1, eig_dtype="fp64")
+    method = get_method("astra")
+    for select, r in [("tail", 2), ("head", 5), ("middle", 3)]:
+        m = AstraMethodConfig(select=select, eig_dtype="fp64")
+        init = method.init(torch.randn(12, 5, dtype=torch.float64), reduced, LayerSpec("layer", r, 1.0, m))
+        expected = {"tail": q[:, :r], "head": q[:, 12 - r :], "middle": q[:, 6 : 6 + r]}[select]
+        assert torch.allclose(projector(init.B), projector(expected), atol=1e-9)
+
+
 def test_random_select_is_seeded_orthonormal_control():
-    cov, q, lam = known_spectrum()
-    a = layer_eigens(cov, 4, "random", "fp64", seed=7)
-    b = layer_eigens(cov, 4, "random", "fp64", seed=7)
-    c = layer_eigens(cov, 4, "random", "fp64", seed=8)
-    assert torch.equal(a.vectors, b.vectors) and not torch.allclose(a.vectors, c.vectors)
-    assert torch.allclose(a.vectors.T @ a.vectors, torch.eye(4, dtype=torch.float64), atol=1e-12)
-    v = a.vectors[:, :2]
-    energy = float(torch.trace(v.T @ cov @ v) / torch.trace(cov))
-    assert astra_init(torch.randn(12, 5), a, 2, 1.0).info["energy_fraction"] == pytest.approx(
-        energy, rel=1e-9
-    )
+    cov, _, _ = known_spectrum()
+    w = torch.randn(12, 5, dtype=torch.float64)
+    a, _ = astra_layer(cov, w, 4, select="random", eig_dtype="fp64", select_seed=7)
+    b, _ = astra_layer(cov, w, 4, select="random", eig_dtype="fp64", select_seed=7)
+    c, _ = astra_layer(cov, w, 4, select="random", eig_dtype="fp64", select_seed=8)
+    assert torch.equal(a.B, b.B) and not torch.allclose(a.B, c.B)
+    assert torch.allclose(a.B.T @ a.B, torch.eye(4, dtype=torch.float64), atol=1e-12)
+    energy = float(torch.trace(a.B.T @ cov @ a.B) / torch.trace(cov))
+    assert a.info["energy_fraction"] == pytest.approx(energy, rel=1e-9)
 
 
-def test_invalid_selection_names_options():
-    with pytest.raises(ValueError, match="tail, head, middle, random"):
-        candidate_columns(torch.eye(4), 2, "smallest")
-    with pytest.raises(ValueError, match="rank 5 exceeds"):
-        take_rank(torch.zeros(4, 3), 5, "tail")
+def test_bad_choices_fail_at_compose_time_naming_valid_values(compose):
+    from tests.test_baselines import chain_text
+
+    with pytest.raises(Exception) as err:
+        compose(["method=astra", "method.select=tial"])
+    assert "expected one of [tail, head, middle, random]" in chain_text(err.value)
+    with pytest.raises(ValueError, match="rank 13 exceeds d_out=12"):
+        astra_layer(known_spectrum()[0], torch.randn(12, 5, dtype=torch.float64), 13)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
@@ -102,8 +118,8 @@ def test_factors_reconstruct_weight(dtype, tol):
 
 
 def test_effective_rank_and_allocation_budget():
-    assert effective_rank(torch.ones(8)) == pytest.approx(8.0, rel=1e-5)
-    assert effective_rank(torch.tensor([1.0, 0.0, 0.0])) == pytest.approx(1.0, rel=1e-4)
+    assert release_effective_rank(torch.ones(8)) == pytest.approx(8.0, rel=1e-5)
+    assert release_effective_rank(torch.tensor([1.0, 0.0, 0.0])) == pytest.approx(1.0, rel=1e-4)
     scores = {"a": 1.0, "b": 30.0, "c": 5.0, "d": 60.0}
     ranks = allocate_ranks(scores, base_rank=8)
     assert sum(ranks.values()) == 32 and ranks["d"] > ranks["c"] > ranks["a"] >= 1
@@ -118,7 +134,7 @@ def build(compose, tmp_path, overrides=(), dtype="float32", task_family="glue"):
     """(base model, Astra-initialised PEFT model, report, probe batch) for tiny-bert/glue or tiny-llama/causal."""
     from astra.data import build_task
     from astra.models import load_model
-    from astra.run import build_context
+    from astra.pipeline import build_context
 
     model_name = "tiny-bert" if task_family == "glue" else "tiny-llama"
     cfg = compose([f"model={model_name}", "task=glue/mrpc", "method=astra", "calib.n=16", "calib.seq_len=48",
@@ -141,7 +157,7 @@ def build(compose, tmp_path, overrides=(), dtype="float32", task_family="glue"):
     model.eval()  # no dropout: logits are compared exactly
     with torch.no_grad():
         base_logits = model(**probe).logits.float()
-    peft_model, report = get_method(cfg.method.name).build(model, ctx)
+    peft_model, report = build_trainable(model, get_method(cfg.method.name), ctx)
     peft_model.eval()
     with torch.no_grad():
         logits = peft_model(**probe).logits.float()
@@ -157,7 +173,7 @@ def test_function_preserved_tiny_bert_fp32(compose, tmp_path, method, select):
     assert (init - base).abs().max() < 1e-4
     assert len(report.layers) == 12 and report.extra["calib_samples"] == 16
     info = next(iter(report.layers.values()))
-    assert {"effective_rank", "condition_number", "energy_fraction", "rank"} <= set(info)
+    assert {"condition_number", "energy_fraction", "rank", "boundary", "tokens"} <= set(info)
 
 
 @pytest.mark.parametrize("method", ["astra", "astra_code"])
@@ -182,9 +198,9 @@ def test_effective_rank_allocation_end_to_end(compose, tmp_path):
     model, report, base, init = build(
         compose, tmp_path, ["method.rank_allocation=effective_rank", "method.rank=4"]
     )
-    from astra.adapters import lora_layers
+    from peft.tuners.lora import LoraLayer
 
-    ranks = {name: layer.r["default"] for name, layer in lora_layers(model).items()}
+    ranks = {name: layer.r["default"] for name, layer in model.named_modules() if isinstance(layer, LoraLayer)}
     allocated = report.extra["rank_allocation"]
     assert sum(ranks.values()) == 4 * len(ranks) == sum(allocated.values())
     assert sorted(ranks.values()) == sorted(allocated.values()) and len(set(ranks.values())) > 1
@@ -195,8 +211,8 @@ def test_effective_rank_allocation_end_to_end(compose, tmp_path):
 def test_dropout_and_bad_options_are_clear_errors(compose, tmp_path):
     with pytest.raises(ValueError, match="lora_dropout = 0"):
         build(compose, tmp_path, ["method.dropout=0.1"])
-    with pytest.raises(ValueError, match="tail, head, middle, random"):
-        build(compose, tmp_path, ["method.select=smallest"])
+    with pytest.raises(ValueError, match="computes the rank pattern"):
+        build(compose, tmp_path, ["method.rank_allocation=effective_rank", "+method.rank_pattern.query=2"])
 
 
 @requires_data
@@ -208,14 +224,25 @@ def test_rank_deficient_calibration_warns_with_numbers(compose, tmp_path):
     assert messages and "tokens < d_out = " in messages[0]
 
 
+class Single(nn.Module):
+    """One linear layer on given activations `x` (batch, seq, d_in)."""
+
+    def __init__(self, d_in: int, d_out: int):
+        super().__init__()
+        self.lin = nn.Linear(d_in, d_out)
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.lin(x)
+
+
 @pytest.mark.parametrize("method,expected", [("astra", (1.0, 2.0)), ("astra_code", (1.0, 0.0))])
 def test_docs_worked_example(method, expected):
     """docs/astra.md: Y = [[2, 0], [0, 1], [-2, 0] (padding)], W = I; tail (1, 2)/sqrt(5) vs head (1, 0)."""
-    from astra.run import compose_config
-    from astra.stats import collect_group, stat_options
-    from tests.test_stats import Single
+    from astra.pipeline import compose_config
+    from astra.stats import collect_statistics
 
     m = compose_config([f"method={method}"]).method
+    astra = get_method(method)
     model = Single(2, 2)
     with torch.no_grad():
         model.lin.weight.copy_(torch.eye(2))
@@ -224,12 +251,12 @@ def test_docs_worked_example(method, expected):
         "x": torch.tensor([[[2.0, 0.0], [0.0, 1.0], [-2.0, 0.0]]]),
         "attention_mask": torch.tensor([[1, 1, 0]]),
     }
-    cov = collect_group(model, {"lin": model.lin}, [batch], stat_options(m))["lin"].covariance()
+    stats = dict(collect_statistics(model, {"lin": model.lin}, "output_cov", [batch], astra.stat_options(m)))["lin"]
     ref = [[1.0, -0.5], [-0.5, 0.25]] if method == "astra" else [[2.0, 0.0], [0.0, 0.25]]
-    assert torch.allclose(cov, torch.tensor(ref))
-    eig = layer_eigens(cov, 1, m.select)
+    assert torch.allclose(stats.matrix, torch.tensor(ref))
+    init = astra.init(model.lin.weight, stats, LayerSpec("lin", 1, 1.0, m))
     v = torch.tensor(expected) / torch.tensor(expected).norm()
-    assert torch.allclose(projector(eig.vectors), projector(v[:, None]), atol=1e-6)
+    assert torch.allclose(projector(init.B), projector(v[:, None]), atol=1e-6)
 
 
 @pytest.mark.integration
@@ -238,7 +265,7 @@ def test_minilm_astra_preserves_function_and_logs_spectrum(compose, tmp_path):
     """The embedded all-MiniLM-L6-v2 (36 target layers, d_out up to 1536), 16 calibration samples."""
     from astra.data import build_task
     from astra.models import load_model
-    from astra.run import build_context
+    from astra.pipeline import build_context
 
     cfg = compose(
         ["model=minilm", "task=glue/mrpc", "method=astra", "calib.n=16", f"paths.cache_dir={tmp_path}"]
@@ -251,7 +278,7 @@ def test_minilm_astra_preserves_function_and_logs_spectrum(compose, tmp_path):
     with torch.no_grad():
         base = model.bert(**probe).last_hidden_state
     with pytest.warns(UserWarning, match="rank-deficient"):  # ~800 tokens < d_out = 1536 (intermediate)
-        peft_model, report = get_method("astra").build(model, build_context(cfg, task, model_id))
+        peft_model, report = build_trainable(model, get_method("astra"), build_context(cfg, task, model_id))
     peft_model.eval()
     with torch.no_grad():
         init = peft_model.base_model.model.bert(**probe).last_hidden_state

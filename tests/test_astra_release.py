@@ -16,10 +16,12 @@ import pytest
 import torch
 from torch import nn
 
-from astra.astra_init import allocate_ranks, astra_init, layer_eigens
+from astra.astra_init import allocate_ranks
+from astra.build import build_trainable
 from astra.calib import calibration_batches
-from astra.methods import BuildContext, get_method
-from astra.stats import collect_group, stat_options
+from astra.erank import release_effective_rank as our_release_effective_rank
+from astra.methods import BuildContext, LayerSpec, get_method
+from astra.stats import LayerStats, collect_statistics, stat_options
 from tests.test_astra_init import CACHE
 from tests.test_calib import FakeCausalTask
 
@@ -117,7 +119,7 @@ def release_effective_rank(eigenvalues, epsilon=1e-8):
 @pytest.fixture(scope="module")
 def setup():
     from astra.models import load_model
-    from astra.run import compose_config
+    from astra.pipeline import compose_config
 
     cfg = compose_config(["model=tiny-llama", "method=astra_code", "calib=release", "calib.n=6", "calib.seq_len=24",
                           f"method.rank={R}", "method.alpha=8", "method.cache=false"])  # fmt: skip
@@ -151,10 +153,11 @@ def test_covariance_equals_release_hook_arithmetic(setup):
     names = targets_of(model)
     reference = release_covariances(model, names, batches)
     options = stat_options(cfg.method, "output_cov")
-    ours = collect_group(model, {n: dict(model.named_modules())[n] for n in names}, batches, options)
+    modules = dict(model.named_modules())
+    ours = dict(collect_statistics(model, {n: modules[n] for n in names}, "output_cov", batches, options))
     assert len(names) == 14
     for name in names:
-        assert rel_err(ours[name].covariance(), reference[name]) < 1e-5, name
+        assert rel_err(ours[name].matrix, reference[name]) < 1e-5, name
         assert ours[name].samples == len(batches)
 
 
@@ -162,18 +165,21 @@ def test_subspace_and_factors_equal_release(setup):
     cfg, model, _, batches, _ = setup
     names = targets_of(model)
     reference = release_covariances(model, names, batches)
-    modules = dict(model.named_modules())
+    modules, method = dict(model.named_modules()), get_method("astra_code")
     for name in names:
         weight, scaling = modules[name].weight, 8 / R
         A_ref, B_ref, W_ref, S_ref = release_init(weight, reference[name], R, scaling)
-        eig = layer_eigens(reference[name], R, cfg.method.select, cfg.method.eig_dtype)
-        init = astra_init(weight, eig, R, scaling)
+        stats = LayerStats(name=name, kind="output_cov", matrix=reference[name], tokens=10**6, samples=len(batches))
+        reduced = method.reduce(stats, cfg.method)
+        init = method.init(weight, reduced, LayerSpec(name=name, rank=R, scaling=scaling, method=cfg.method))
         assert torch.allclose(init.B @ init.B.T, B_ref @ B_ref.T, atol=1e-5), name  # projector onto V[:, -r:]
-        assert torch.allclose(eig.values, S_ref)
+        assert torch.allclose(reduced.tensors["values"], S_ref)
         # identical inputs to eigh give identical eigenvectors, so the factors agree entry by entry
         assert torch.allclose(init.B, B_ref) and torch.allclose(init.A, A_ref, atol=1e-6)
         assert torch.allclose(init.residual, W_ref, atol=1e-6)
-        assert eig.info["effective_rank"] == pytest.approx(release_effective_rank(S_ref), rel=1e-6)
+        # the allocation's score is the release's effective rank, bit for bit
+        score = our_release_effective_rank(reduced.tensors["values"])
+        assert score == pytest.approx(release_effective_rank(S_ref), rel=1e-6)
 
 
 def test_built_model_uses_release_subspace(setup):
@@ -183,7 +189,7 @@ def test_built_model_uses_release_subspace(setup):
     reference = release_covariances(model, names, batches)
     expected = {n: torch.linalg.eigh(reference[n].float())[1][:, -R:] for n in names}
     ctx = BuildContext(cfg=cfg, calib_batches=lambda: batches, task_type="CAUSAL_LM", model_id=model_id)
-    peft_model, _ = get_method("astra_code").build(copy.deepcopy(model), ctx)
+    peft_model, _ = build_trainable(copy.deepcopy(model), get_method("astra_code"), ctx)
     for name, module in peft_model.named_modules():
         base = name.removeprefix("base_model.model.")
         if base in expected:
@@ -200,7 +206,7 @@ def test_rank_allocation_equals_release():
 
 
 def test_astra_code_preset_fields():
-    from astra.run import compose_config
+    from astra.pipeline import compose_config
 
     m = compose_config(["method=astra_code"]).method
     assert (m.select, m.centered, m.sample_norm, m.mask_padding, m.normalizer) == (
