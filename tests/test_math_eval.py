@@ -73,7 +73,7 @@ def test_last_boxed_balances_braces():
     assert last_boxed("no box") is None
 
 
-@requires_data
+@pytest.mark.integration  # checks the whole staged benchmark file (tests/conftest.py)
 def test_gsm8k_gold_scores_one_and_shuffled_near_chance():
     rows = read_jsonl(DATA_DIR / "gsm8k" / "test.jsonl")
     golds = [gsm8k_gold(r["answer"]) for r in rows]
@@ -84,7 +84,7 @@ def test_gsm8k_gold_scores_one_and_shuffled_near_chance():
     assert shuffled < 0.05, shuffled
 
 
-@requires_data
+@pytest.mark.integration  # checks the whole staged benchmark file (tests/conftest.py)
 @pytest.mark.parametrize("path, min_acc", [("math500/test.jsonl", 1.0), ("math/test.jsonl.gz", 0.9995)])
 def test_math_gold_boxed_answers_score_one(path, min_acc):
     """The boxed answer of each reference solution is equivalent to the `answer` field.

@@ -69,7 +69,7 @@ GLUE_COUNTS = {
 GLUE_ROWS = {"mrpc": {"train": 3668, "dev": 408}, "cola": {"train": 8551, "dev": 1043}, "stsb": {"dev": 1500}}
 
 
-@requires_data
+@pytest.mark.integration  # checks the whole staged benchmark file (tests/conftest.py)
 @pytest.mark.parametrize("name", ["rte", "sst2", "mrpc", "cola", "qnli", "stsb"])
 def test_glue_files_load_with_published_counts(compose, tokenizer, name):
     cfg = compose([f"task=glue/{name}"])

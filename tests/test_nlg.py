@@ -148,6 +148,7 @@ def commonsense_rows(name: str) -> list[dict]:
 PRESENT = [t for t in cs.TASKS if (DATA_DIR / "commonsense" / t / "test.json").exists()]
 
 
+@pytest.mark.integration  # checks the whole staged benchmark file (tests/conftest.py)
 @pytest.mark.parametrize("name", PRESENT)
 def test_llm_adapters_extraction_gold_scores_one_shuffled_near_chance(name):
     rows = commonsense_rows(name)

@@ -27,7 +27,7 @@ def mbpp_problems() -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-@requires_data
+@pytest.mark.integration  # checks the whole staged benchmark file (tests/conftest.py)
 def test_every_humaneval_canonical_solution_passes_and_wrong_ones_fail():
     problems = humaneval_problems()
     assert len(problems) == 164
@@ -53,7 +53,7 @@ def test_humaneval_full_function_in_a_fence_passes():
     assert metrics["pass@1"] == 1.0
 
 
-@requires_data
+@pytest.mark.integration  # checks the whole staged benchmark file (tests/conftest.py)
 def test_every_mbpp_reference_solution_passes_and_wrong_ones_fail():
     problems = mbpp_problems()
     assert len(problems) == 974
