@@ -157,9 +157,7 @@ class ModelConfig:
     gguf_file: str | None = None
     subfolder: str | None = None
     architecture: Architecture | None = None  # source=random only
-    tokenizer_from: str | None = (
-        None  # random: a tokenizer folder (relative to the repo) or a model config name
-    )
+    tokenizer_from: str | None = None  # random: tokenizer folder (repo-relative) or model config name
     hidden_size: int = 64
     num_layers: int = 2
     num_heads: int = 4
