@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from analysis import compare
 from analysis.formats import EMPTY, MetricSpec, best_rows, common_spec
 from analysis.store import (
     Stat,
@@ -258,6 +259,22 @@ def benchmark_table(
     return Table(name, title, [*labels, SEEDS], list(groups), cells, _bold(stats, specs), note, row_header)
 
 
+def comparison_table(runs: Sequence[RunResult], family: str) -> Table | None:
+    """Paired "A vs B" tests over the (benchmark, seed) cells of a paper table's columns, for every
+    challenger row (`analysis.compare.CHALLENGERS`) against every other method's row; None without pairs."""
+    columns = FAMILIES[family]
+    groups = group_runs(runs)
+    specs = [column_spec(runs, c) for c in columns]
+    values = [lambda run, c=c: column_value(run, c) for c in columns]
+    pairs = compare.challenger_pairs(list(groups))
+    if not pairs:
+        return None
+    rows = [f"{a} vs {b}" for a, b in pairs]
+    cells = [compare.comparison_cells(compare.paired(groups[a], groups[b], values, specs)) for a, b in pairs]
+    title = f"Paired comparisons over the {family} table's cells"
+    return Table(f"{family}_paired", title, compare.COLUMNS, rows, cells, set(), compare.NOTE, "A vs B")
+
+
 def glue_table(runs: Sequence[RunResult]) -> Table:
     """Paper Table (GLUE): MNLI/SST-2/QQP/QNLI/RTE/MRPC accuracy, CoLA Matthews, STS-B Pearson, average."""
     return benchmark_table(runs, GLUE_COLUMNS, "glue", "GLUE dev (each task's main metric)")
@@ -283,6 +300,10 @@ def commonsense_table(runs: Sequence[RunResult]) -> Table:
     return benchmark_table(
         runs, COMMONSENSE_COLUMNS, "commonsense", "Commonsense reasoning, generation (accuracy)"
     )
+
+
+def populated(runs: Sequence[RunResult], columns: Sequence[Column]) -> bool:
+    return any(column_value(r, c) is not None for r in runs for c in columns)
 
 
 def populated_columns(runs: Sequence[RunResult]) -> list[Column]:
@@ -411,6 +432,7 @@ PAPER_TABLES: tuple[Callable[[Sequence[RunResult]], Table | None], ...] = (
 def tables_for(runs: Sequence[RunResult]) -> list[Table]:
     """Every table that has at least one value for these runs: overview, paper tables, ablations, ranks."""
     candidates = [sweep_table(runs), *(f(runs) for f in PAPER_TABLES)]
+    candidates += [comparison_table(runs, family) for family in FAMILIES if populated(runs, FAMILIES[family])]
     candidates += [rank_table(runs, q) for q in RANK_TITLES]
     return [t for t in candidates if t is not None and t.has_values()]
 

@@ -29,6 +29,7 @@ from analysis.tables import (
     ablation_rank_table,
     ablation_select_table,
     commonsense_table,
+    comparison_table,
     glue_table,
     math_code_table,
     rank_table,
@@ -47,15 +48,18 @@ class PaperItem:
     table: Callable[[Sequence[RunResult]], Table | None] | None = None
     figures: tuple[str, ...] = ()  # subset of FIGURES
     mini: tuple[str, ...] = ()  # CPU-scale counterparts, when they exist
+    paired: str = ""  # table family whose cells the "Astra vs X" paired tests run over (analysis.compare)
 
     def sweep_list(self, scale: str = "paper") -> tuple[str, ...]:
         return self.mini if scale == "mini" else self.sweeps
 
 
 PAPER: tuple[PaperItem, ...] = (
-    PaperItem("glue", "GLUE table (DeBERTa-v3-base)", ("glue_table1",), glue_table, ("curves",), ("demo",)),
-    PaperItem("math_code", "Math and code table (LLaMA-2-7B)", ("nlg_math_code",), math_code_table, ("curves",)),
-    PaperItem("commonsense", "Commonsense table (LLaMA-3-8B)", ("commonsense",), commonsense_table, ("curves",)),
+    PaperItem("glue", "GLUE table (DeBERTa-v3-base)", ("glue_table1",), glue_table, ("curves",), ("demo",), "glue"),
+    PaperItem("math_code", "Math and code table (LLaMA-2-7B)", ("nlg_math_code",), math_code_table, ("curves",),
+              paired="math_code"),
+    PaperItem("commonsense", "Commonsense table (LLaMA-3-8B)", ("commonsense",), commonsense_table, ("curves",),
+              paired="commonsense"),
     PaperItem("ablation_select", "Ablation: eigenvector selection", ("ablation_select",), ablation_select_table,
               mini=("demo_select",)),
     PaperItem("ablation_rank", "Ablation: rank", ("ablation_rank",), ablation_rank_table),
@@ -89,6 +93,10 @@ def write_item(
     if table is not None and table.has_values():
         table.name = f"paper_{paper_item.id}"
         written += write_table(table, out_dir / "tables")
+    paired = comparison_table(runs, paper_item.paired) if paper_item.paired else None
+    if paired is not None:
+        paired.name = f"paper_{paper_item.id}_paired"
+        written += write_table(paired, out_dir / "tables")
     stem = out_dir / "figures" / safe_name(f"paper_{paper_item.id}")
     if "curves" in paper_item.figures:
         written.append(plot_curves(runs, Path(f"{stem}_curves.png"), paper_item.name, methods=methods))
@@ -112,6 +120,9 @@ def describe(results_dir: str | Path, paper_item: PaperItem, scale: str = "paper
     table = paper_item.table(runs) if paper_item.table and runs else None
     if table is not None and table.has_values():
         lines.append("\n" + table.to_markdown())
+    paired = comparison_table(runs, paper_item.paired) if paper_item.paired else None
+    if paired is not None:
+        lines.append("\n" + paired.to_markdown())
     return "\n".join(lines)
 
 

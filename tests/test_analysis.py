@@ -319,7 +319,12 @@ def test_ablation_table_rows_are_the_ablated_values() -> None:
         _run("astra", "toy/parity", 0, {"accuracy": v}, method={"select": k})
         for k, v in (("tail", 0.9), ("head", 0.5))
     ]
-    assert ablation_select_table([*runs, *toy]).columns == ["RTE (%) ↑", "toy/parity (%) ↑", "Avg (%) ↑", "seeds"]
+    assert ablation_select_table([*runs, *toy]).columns == [
+        "RTE (%) ↑",
+        "toy/parity (%) ↑",
+        "Avg (%) ↑",
+        "seeds",
+    ]
 
 
 def test_unsigned_fields_are_not_ablation_axes() -> None:
@@ -336,6 +341,46 @@ def test_stat_is_mean_and_sample_std() -> None:
     xs = [0.1, 0.4, 0.7]
     stat = Stat.of([*xs, None, math.nan])
     assert (stat.n, stat.mean, stat.std) == (3, pytest.approx(np.mean(xs)), pytest.approx(np.std(xs, ddof=1)))
+
+
+# ---------------------------------------------------------------- paired comparisons
+
+
+@pytest.mark.parametrize("wins,losses", [(5, 0), (7, 3), (2, 2), (0, 4), (12, 1)])
+def test_sign_test_equals_scipy_binomial_test(wins: int, losses: int) -> None:
+    from scipy.stats import binomtest
+
+    from analysis.compare import sign_test_p
+
+    assert sign_test_p(wins, losses) == pytest.approx(binomtest(wins, wins + losses, 0.5).pvalue, rel=1e-12)
+    assert sign_test_p(0, 0) == 1.0
+
+
+def test_sign_flip_test_exact_and_monte_carlo() -> None:
+    from analysis.compare import sign_flip_p
+
+    # sums of (+-1, +-2, +-3): |sum| >= 6 for 2 of the 8 sign patterns
+    assert sign_flip_p([1.0, 2.0, 3.0]) == 0.25
+    assert sign_flip_p([0.0, 0.0]) == 1.0 and sign_flip_p([]) == 1.0
+    x = np.random.default_rng(1).normal(0.5, 1.0, 17)  # 17 pairs: Monte Carlo path
+    signs = np.array(np.meshgrid(*[[1.0, -1.0]] * 17)).reshape(17, -1).T  # all 2^17 patterns
+    exact = np.mean(np.abs(signs @ x) >= abs(x.sum()) * (1 - 1e-12))
+    assert sign_flip_p(x) == pytest.approx(exact, abs=0.015)
+
+
+def test_comparison_table_pairs_on_benchmark_and_seed(store: Path) -> None:
+    from analysis.tables import comparison_table
+
+    table = comparison_table(load_runs(store, "s"), "glue")
+    # MRPC seeds 0 and 1: astra 84 / 86 vs lora 80 / 82 -> +4 points twice; CoLA: lora's run failed
+    assert table.to_markdown().splitlines()[2:5] == [
+        "| A vs B | pairs | wins / ties / losses | mean diff (A - B) | sign test p | sign-flip p |",
+        "|---|---:|---:|---:|---:|---:|",
+        "| astra vs lora | 2 | 2 / 0 / 0 | +4.00 ± 0.00 | 0.5 | 0.5 |",
+    ]
+    loss = [_run(m, "glue/rte", s, {"accuracy": v}) for m, s, v in (("astra", 0, 0.6), ("lora", 0, 0.7))]
+    assert comparison_table(loss, "glue").cells == [["1", "0 / 0 / 1", "-10.00", "1", "1"]]
+    assert comparison_table([loss[1]], "glue") is None  # no challenger
 
 
 # ---------------------------------------------------------------- views, status, regenerate, report
@@ -440,6 +485,12 @@ def test_paper_items_name_existing_sweeps_and_read_their_views(tmp_path: Path) -
     written = write_item(root, item("ablation_select"), tmp_path / "out")
     assert [p.name for p in written] == ["paper_ablation_select.md", "paper_ablation_select.tex"]
     assert "| astra (select=tail) | **80.00** | 1 |" in written[0].read_text()
+    lora = _run("lora", "glue/rte", 0, {"accuracy": 0.7})
+    root = _store(tmp_path / "glue", {"glue_table1": [shared, lora]})
+    written = write_item(root, item("glue"), tmp_path / "out_glue")
+    assert [p.name for p in written] == [
+        "paper_glue.md", "paper_glue.tex", "paper_glue_paired.md", "paper_glue_paired.tex", "paper_glue_curves.png"
+    ]  # fmt: skip
 
 
 # ---------------------------------------------------------------- lists derived from the registry
@@ -453,7 +504,9 @@ def _registered_methods() -> set[str]:
 
 
 def test_paper_method_preferences_are_registered_methods() -> None:
-    missing = set(PAPER_METHODS) - _registered_methods()
+    from analysis.compare import CHALLENGERS
+
+    missing = (set(PAPER_METHODS) | set(CHALLENGERS)) - _registered_methods()
     assert not missing, f"PAPER_METHODS names methods the registry does not know: {sorted(missing)}"
 
 
