@@ -101,7 +101,9 @@ class EntryWriter:
         file = self.tmp / LAYERS / f"{self.index}.safetensors"
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(file))
         json.dumps(meta or {})  # fails now, not at commit, when meta is not JSON-able
-        self.layers.append({"name": layer, "file": file.name, "sha256": sha256_path(file), "meta": meta or {}})
+        self.layers.append(
+            {"name": layer, "file": file.name, "sha256": sha256_path(file), "meta": meta or {}}
+        )
         self.index += 1
 
 

@@ -86,7 +86,9 @@ def test_fp32_statistics_head_angle_and_tail_energy_on_tiny_llama():
     ours = dict(collect_statistics(model, targets, "output_cov", batches, StatOptions()))
     ref = dict(collect_statistics(model.double(), targets, "output_cov", batches,
                                   StatOptions(accum_dtype="fp64", accumulate="direct"), "forward"))  # fmt: skip
-    assert any(s.route == "shared_input" and s.matrix.shape[0] > s.input_moment.shape[0] for s in ours.values())
+    assert any(
+        s.route == "shared_input" and s.matrix.shape[0] > s.input_moment.shape[0] for s in ours.values()
+    )
     r = 4
     for name in targets:
         e = decompose(ours[name], "fp32")
@@ -124,6 +126,8 @@ def test_candidate_columns_and_random_basis():
     assert torch.equal(candidate_columns(vectors, 2, "tail"), vectors[:, :2])
     assert torch.equal(candidate_columns(vectors, 2, "middle"), vectors[:, 3:5])
     q = random_orthonormal(6, 3, seed=1)
-    assert torch.allclose(q.T @ q, torch.eye(3), atol=1e-6) and torch.equal(q, random_orthonormal(6, 3, seed=1))
+    assert torch.allclose(q.T @ q, torch.eye(3), atol=1e-6) and torch.equal(
+        q, random_orthonormal(6, 3, seed=1)
+    )
     with pytest.raises(ValueError, match="tail, head, middle, random"):
         candidate_columns(vectors, 2, "tial")

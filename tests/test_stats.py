@@ -80,7 +80,9 @@ def closed_form(layer: nn.Linear, batches: list, o: StatOptions) -> torch.Tensor
     return scatter / (tokens if o.normalizer == "tokens" else samples)
 
 
-OPTION_COMBOS = list(itertools.product((True, False), ("none", "max_abs"), (True, False), ("tokens", "forwards")))
+OPTION_COMBOS = list(
+    itertools.product((True, False), ("none", "max_abs"), (True, False), ("tokens", "forwards"))
+)
 
 
 def close(a: torch.Tensor, b: torch.Tensor, tol: float) -> bool:
@@ -166,7 +168,11 @@ def test_nonfinite_names_layer_and_batch_and_hooks_are_removed():
     model.train()
     for accumulate in ("auto", "direct"):
         with pytest.raises(NonFiniteStatisticsError, match=r"'lin' at calibration batch 1"):
-            list(collect_statistics(model, {"lin": model.lin}, "output_cov", batches, StatOptions(accumulate=accumulate)))
+            list(
+                collect_statistics(
+                    model, {"lin": model.lin}, "output_cov", batches, StatOptions(accumulate=accumulate)
+                )
+            )
     assert not model.lin._forward_hooks  # removed in `finally`
     assert model.training  # training mode restored
 
@@ -178,7 +184,11 @@ def test_zero_sample_max_is_nonfinite_error():
         model.lin.bias.zero_()
     batches = make_batches(2)
     with pytest.raises(NonFiniteStatisticsError, match="'lin'"):
-        list(collect_statistics(model, {"lin": model.lin}, "output_cov", batches, StatOptions(sample_norm="max_abs")))
+        list(
+            collect_statistics(
+                model, {"lin": model.lin}, "output_cov", batches, StatOptions(sample_norm="max_abs")
+            )
+        )
 
 
 def test_mask_mismatch_is_a_clear_error():
@@ -206,7 +216,12 @@ def test_options():
 def test_block_grouping():
     names = ["m.layer.0.q", "m.layer.0.k", "m.layer.1.q", "m.layer.10.q", "m.pooler"]
     assert block_key("m.layer.10.q") == "m.layer.10"
-    assert layer_groups(names) == [["m.layer.0.q", "m.layer.0.k"], ["m.layer.1.q"], ["m.layer.10.q"], ["m.pooler"]]
+    assert layer_groups(names) == [
+        ["m.layer.0.q", "m.layer.0.k"],
+        ["m.layer.1.q"],
+        ["m.layer.10.q"],
+        ["m.pooler"],
+    ]
     assert layer_groups(names, "all") == [names]
 
 
@@ -233,7 +248,9 @@ def tiny_llama(seed: int = 0, layers: int = 2):
     return LlamaForCausalLM(cfg).eval()
 
 
-def token_batches(n: int = 4, seed: int = 0, causal: bool = False, width: int = 7) -> list[dict[str, torch.Tensor]]:
+def token_batches(
+    n: int = 4, seed: int = 0, causal: bool = False, width: int = 7
+) -> list[dict[str, torch.Tensor]]:
     """Batches of 2 with right padding in the second sample (calibration batch > 1)."""
     gen = torch.Generator().manual_seed(seed)
     out = []
@@ -256,7 +273,9 @@ MODELS = {"bert": (tiny_bert, False), "llama": (tiny_llama, True)}
 @pytest.mark.parametrize("arch", list(MODELS))
 @pytest.mark.parametrize("kind", ["output_cov", "input_cov"])
 @pytest.mark.parametrize("centered,sample_norm,mask_padding,normalizer", OPTION_COMBOS)
-def test_sequential_shared_equals_forward_direct_fp64(arch, kind, centered, sample_norm, mask_padding, normalizer):
+def test_sequential_shared_equals_forward_direct_fp64(
+    arch, kind, centered, sample_norm, mask_padding, normalizer
+):
     make, causal = MODELS[arch]
     model, batches = make().double(), token_batches(causal=causal)
     targets = block_targets(model)
@@ -376,7 +395,9 @@ def peft_gradients(model, targets: list[str], batches) -> dict[str, torch.Tensor
     from peft import LoraConfig
     from peft.tuners.lora import LoraGAConfig, preprocess_loraga
 
-    config = LoraConfig(r=2, target_modules=targets, init_lora_weights="lora_ga", lora_ga_config=LoraGAConfig())
+    config = LoraConfig(
+        r=2, target_modules=targets, init_lora_weights="lora_ga", lora_ga_config=LoraGAConfig()
+    )
 
     def train_step() -> None:
         model.eval()
