@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+from astra.erank import release_effective_rank
+
 log = logging.getLogger("astra.eigen")
 
 
@@ -178,20 +180,13 @@ def candidate_columns(vectors: torch.Tensor, k: int, select: str, seed: int = 0)
     raise ValueError(f"select={select!r}; valid: {', '.join(SELECTS)}")
 
 
-def effective_rank(values: torch.Tensor, eps: float = 1e-8) -> float:
-    """exp(entropy of the normalised spectrum), the release's `stable_effective_rank_fn`."""
-    s = values.float().clamp(min=eps)
-    p = s / s.sum()
-    return float(torch.exp(-(p * torch.log(p + eps)).sum()))
-
-
 def spectrum_summary(values: torch.Tensor) -> dict[str, Any]:
     """Effective rank, condition number (None when lambda_min <= 0), numerical rank of a spectrum."""
     v = values.double()
     lo, hi = float(v.min()), float(v.max())
     tol = hi * v.numel() * torch.finfo(values.dtype).eps
     return {
-        "effective_rank": effective_rank(values),
+        "effective_rank": release_effective_rank(values),  # the release's definition (astra.erank)
         "condition_number": hi / lo if lo > 0 else None,
         "lambda_min": lo,
         "lambda_max": hi,
