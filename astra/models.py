@@ -23,7 +23,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from astra.config import ModelConfig
+from astra.config import DType, ModelConfig, ModelSource, TaskHead
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -43,8 +43,8 @@ def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = REPO_ROOT / "conf"
-SOURCES = ("hub", "package", "gguf_package", "random")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SOURCES = tuple(ModelSource)  # the schema's choices; checked again for configs built without it
+DTYPES = {DType.float32: torch.float32, DType.bfloat16: torch.bfloat16, DType.float16: torch.float16}
 
 
 def model_config(name: str) -> Any:
@@ -147,11 +147,9 @@ def load_tokenizer(cfg: Any, cache_dir: str | Path) -> PreTrainedTokenizerBase:
 
 
 def is_classification(task: Any) -> bool:
-    """Whether `task` needs a sequence-classification head: its declared `head`, else the GLUE family."""
-    head = getattr(task, "head", None)
-    if head is not None:
-        return str(head) == "seq_cls"
-    return getattr(task, "family", None) == "glue"
+    """Whether `task` declares a sequence-classification head (`task.head`); a task object without a
+    declared head (a test's stand-in for an instruction task) gets the causal-LM head."""
+    return getattr(task, "head", TaskHead.causal_lm) == TaskHead.seq_cls
 
 
 def random_config(cfg: Any, vocab_size: int, pad_token_id: int | None) -> Any:

@@ -19,8 +19,8 @@ from astra.models import (
     tokenizer_dir,
 )
 
-GLUE = OmegaConf.create({"family": "glue", "num_labels": 2})
-NLG = OmegaConf.create({"family": "nlg"})
+GLUE = OmegaConf.create({"family": "glue", "head": "seq_cls", "num_labels": 2})
+NLG = OmegaConf.create({"family": "math", "head": "causal_lm"})
 
 
 def test_random_models_are_seeded(tmp_path):
@@ -85,6 +85,18 @@ def test_tokenizer_from_resolves_folders_and_model_names(tmp_path):
     wrong.tokenizer_from = "tests/assets/tokenizers/nope"
     with pytest.raises(FileNotFoundError, match="neither a tokenizer folder"):
         tokenizer_dir(wrong, tmp_path)
+
+
+def test_head_follows_the_declared_task_head(tmp_path):
+    """The head is what the task declares, not its family: a classification task of any family gets one."""
+    classify = OmegaConf.create({"family": "math", "head": "seq_cls", "num_labels": 3})
+    model, _, _ = load_model(model_config("tiny-llama"), classify, tmp_path)
+    assert type(model).__name__ == "LlamaForSequenceClassification" and model.config.num_labels == 3
+    regress = OmegaConf.create({"family": "glue", "head": "seq_cls", "num_labels": 1})
+    model, _, _ = load_model(model_config("tiny-bert"), regress, tmp_path)
+    assert model.config.problem_type == "regression"
+    generate = OmegaConf.create({"family": "glue", "head": "causal_lm"})
+    assert type(load_model(model_config("tiny-llama"), generate, tmp_path)[0]).__name__ == "LlamaForCausalLM"
 
 
 def test_unknown_model_config_names_valid_ones():
