@@ -53,11 +53,12 @@ def test_cli_export_tiny_bert(tmp_path):
           f"paths.cache_dir={tmp_path / 'cache'}", f"output_dir={out}"])  # fmt: skip
     summary = json.loads((out / "astra_init.json").read_text())
     assert len(summary["layers"]) == 12 and summary["init_seconds"] > 0 and summary["calib_samples"] == 8
+    assert "timings" in summary and summary["cache"] == "miss"
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(out / "residual")
     batch = dict(tok(["a short sentence", "and another, longer one here"], padding=True, return_tensors="pt"))
-    from astra.run import compose_config
+    from astra.pipeline import compose_config
 
     cfg = compose_config(["model=tiny-bert", "task=glue/mrpc"])
     fresh = lambda: load_model(cfg.model, cfg.task, CACHE, seed=cfg.seed)[0]  # noqa: E731 (same seeded model)
@@ -74,6 +75,16 @@ def test_export_tiny_llama(compose, tmp_path, method):
     batch = dict(tok(["Add 3 and 4.", "Hello there, world"], padding=True, return_tensors="pt"))
     fresh = lambda: load_model(cfg.model, SimpleNamespace(family="nlg"), CACHE, seed=0)[0]  # noqa: E731
     check_round_trip_and_conversion(out, AutoModelForCausalLM, fresh, batch)
+
+
+def test_export_does_not_import_the_cli_module():
+    import ast
+    from pathlib import Path
+
+    tree = ast.parse(Path(__file__).resolve().parents[1].joinpath("astra/export.py").read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert "astra.run" not in imported and "astra.build" in imported
 
 
 def test_cli_arguments():
