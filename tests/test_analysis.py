@@ -493,6 +493,18 @@ def test_paper_items_name_existing_sweeps_and_read_their_views(tmp_path: Path) -
     ]  # fmt: skip
 
 
+def test_demo_report_prints_the_view_and_writes_curves(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from experiments.demo_report import main
+
+    root = _store(tmp_path, {"demo": _glue_runs()[:4]})
+    mark_view(root, "demo", "000000000000")  # a run that died
+    main(["--results-dir", str(root)])
+    out = capsys.readouterr().out
+    assert out.startswith("**Demo `demo`: 5 runs: 4 present, 0 failed, 0 running, 1 missing**")
+    assert "| astra | **85.00 ± 1.41** |" in out and "missing: 000000000000 -" in out
+    assert (root / "figures" / "demo_curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
 # ---------------------------------------------------------------- lists derived from the registry
 
 
