@@ -1,25 +1,29 @@
-"""End-to-end runs on the tiny random BERT: result JSON, skip-existing, failures, multirun, wandb."""
+"""End-to-end runs on the tiny random BERT: result JSON, skip-existing, failures, multirun, wandb,
+content-addressed runs shared by sweeps, claims between concurrent processes."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from astra.results import load_store, read_result
-from astra.run import run_experiment
+from astra.config import run_identity
+from astra.pipeline import run_experiment
+from astra.results import claim_path, load_runs, read_result, sweep_signatures
 from tests.conftest import requires_data
 
-TINY = ["model=tiny-bert", "task=glue/mrpc", "trainer.max_steps=2", "task.train_limit=64", "eval.limit=32"]
+TINY = ["debug=tiny"]  # conf/debug/tiny.yaml: tiny-bert, glue/mrpc, 2 steps, 64 train / 32 eval examples
 pytestmark = requires_data
 
 
 def result_files(tmp_path: Path) -> list[Path]:
-    return sorted((tmp_path / "results").rglob("*.json"))
+    return sorted((tmp_path / "results" / "runs").glob("*.json"))
 
 
 @pytest.mark.parametrize("method", ["lora", "full_ft"])
@@ -35,6 +39,12 @@ def test_run_writes_success_result_with_schema(compose, tmp_path, method):
     assert all({"loss", "grad_norm", "lr"} <= set(row) for row in train["history"])
     assert train["trainable_params"] > 0 and train["wall_seconds"] > 0
     assert set(data["eval_info"]["metrics"]) == {"accuracy", "f1", "n_eval"}
+    assert data["eval_info"]["metric_specs"] == {
+        "accuracy": {"kind": "fraction", "higher_is_better": True},
+        "f1": {"kind": "fraction", "higher_is_better": True},
+        "n_eval": {"kind": "count", "higher_is_better": True},
+    }
+    assert sweep_signatures(tmp_path / "results", "adhoc") == {path.stem}
     assert data["eval_info"]["metrics"]["n_eval"] == 32
     assert any(p.endswith("mrpc/train.tsv") for p in data["meta_info"]["data_files"])
     assert data["meta_info"]["packages"]["torch"]
@@ -77,7 +87,7 @@ def test_multirun_writes_one_result_per_run_and_resumes(tmp_path):
            f"hydra.sweep.dir={tmp_path / 'hydra'}"]  # fmt: skip
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=os.environ)
     assert first.returncode == 0, first.stderr[-2000:]
-    store = load_store(results, "adhoc")
+    store = load_runs(results, "adhoc")
     assert len(store) == 4 and all(r.ok for r in store)
     assert {(r.run_info.config["method"]["name"], r.run_info.config["seed"]) for r in store} == {
         ("lora", 0), ("lora", 1), ("full_ft", 0), ("full_ft", 1)}  # fmt: skip
@@ -96,9 +106,7 @@ def test_wandb_offline_run(compose, tmp_path):
 
 
 def test_code_task_without_permission_fails_before_training(compose, tmp_path):
-    cfg = compose(
-        ["model=tiny-llama", "task=code", "method=lora", "trainer.max_steps=2", "task.train_limit=8"]
-    )
+    cfg = compose(["debug=tiny_llama", "task=code", "method=lora", "task.train_limit=8"])
     with pytest.raises(PermissionError, match="allow_code_execution"):
         run_experiment(cfg)
     (path,) = result_files(tmp_path)
@@ -107,7 +115,7 @@ def test_code_task_without_permission_fails_before_training(compose, tmp_path):
 
 def test_function_change_at_init_is_flagged_for_methods_that_claim_preservation(caplog):
     from astra.methods import get_method
-    from astra.run import load_registry, warn_if_function_changed
+    from astra.pipeline import load_registry, warn_if_function_changed
 
     load_registry()
     lora = get_method("lora")
@@ -115,3 +123,64 @@ def test_function_change_at_init_is_flagged_for_methods_that_claim_preservation(
     assert warn_if_function_changed(lora, 0.693147, 0.70, "float32")  # a broken init
     assert "claims to preserve" in caplog.text
     assert not warn_if_function_changed(lora, 0.693147, 0.70, "bfloat16")  # within bf16 rounding of W_res
+
+
+# --- content-addressed runs, claims ---------------------------------------------------------------
+def test_run_shared_by_two_sweeps_is_computed_once(compose, tmp_path, capsys):
+    first = run_experiment(compose([*TINY, "method=lora", "sweep.name=glue_table1"]))
+    second = run_experiment(compose([*TINY, "method=lora", "sweep.name=ablation_rank"]))
+    assert first is not None and second is None and "successful result exists" in capsys.readouterr().out
+    (path,) = result_files(tmp_path)
+    results = tmp_path / "results"
+    assert sweep_signatures(results, "glue_table1") == sweep_signatures(results, "ablation_rank") == {path.stem}
+    assert [r.run_info.sweep for r in load_runs(results, "ablation_rank")] == ["glue_table1"]
+
+
+def test_toggling_fields_that_cannot_change_the_result_reruns_nothing(compose, tmp_path):
+    assert run_experiment(compose([*TINY, "method=astra"])) is not None
+    (path,) = result_files(tmp_path)
+    before = path.read_bytes()
+    for toggle in ("method.cache=false", "eval.workers=1", "trainer.save_model=true", "device=cpu"):
+        assert run_experiment(compose([*TINY, "method=astra", toggle])) is None, toggle
+    assert path.read_bytes() == before
+
+
+def astra_run(tmp_path: Path, *extra: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "astra.run", *TINY, "method=lora", "logger=none",
+           f"paths.results_dir={tmp_path / 'results'}", f"paths.output_dir={tmp_path / 'out'}", *extra]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def test_two_identical_runs_started_at_once_compute_one_result(tmp_path):
+    procs = [astra_run(tmp_path), astra_run(tmp_path)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+    stdout = "".join(out for out, _ in outs)
+    assert stdout.count("[astra] success") == 1 and stdout.count("[astra] skip") == 1, stdout
+    (path,) = result_files(tmp_path)
+    assert read_result(path).ok and not claim_path(tmp_path / "results", path.stem).exists()
+
+
+def test_waiting_run_skips_once_the_holder_finished(tmp_path):
+    holder = astra_run(tmp_path)
+    waiter = astra_run(tmp_path, "sweep.if_claimed=wait", "sweep.claim_poll_s=0.5")
+    outs = [p.communicate(timeout=600) for p in (holder, waiter)]
+    stdout = "".join(out for out, _ in outs)
+    assert stdout.count("[astra] success") == 1 and stdout.count("[astra] skip") == 1, stdout
+    assert len(result_files(tmp_path)) == 1
+
+
+def test_killed_runs_stale_claim_is_taken_over(compose, tmp_path):
+    cfg = compose([*TINY, "method=lora"])
+    claim = claim_path(tmp_path / "results", run_identity(cfg)[2])
+    victim = astra_run(tmp_path)  # killed as soon as it holds the claim (its run takes seconds more)
+    deadline = time.monotonic() + 300
+    while not claim.exists() and victim.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert claim.exists(), victim.communicate()[1][-2000:]
+    victim.send_signal(signal.SIGKILL)  # no clean-up: the claim file stays behind, naming a dead pid
+    victim.wait()
+    assert claim.exists() and not result_files(tmp_path)
+    result = run_experiment(cfg)  # same signature: the stale claim is taken over, the run computed
+    assert result is not None and result.ok and not claim.exists()
