@@ -22,7 +22,7 @@ from pathlib import Path
 from analysis.curves import sweep_figures
 from analysis.formats import EMPTY, MetricSpec
 from analysis.status import STATES, sweep_status
-from analysis.store import Stat, ablation_axes, flatten, get, group_runs, load_runs, method_of
+from analysis.store import Stat, ablation_axes, flatten, get, group_runs, method_of, runs_by_view
 from analysis.tables import Table, sweep_tables
 from astra.results import RunResult, sweep_names
 
@@ -184,19 +184,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     results_dir = Path(args.results_dir).resolve()
-    views = sweep_names(results_dir)
-    wanted = args.sweeps or views
+    names = sweep_names(results_dir)
+    wanted = args.sweeps or names
     if not wanted:
         sys.exit(f"no sweep views under {results_dir}: run a sweep first (e.g. `make demo`)")
-    unknown = [s for s in wanted if s not in views]
+    unknown = [s for s in wanted if s not in names]
     if unknown:
         sys.exit(
-            f"no view for sweep(s) {', '.join(unknown)}; views in the store: {', '.join(views) or 'none'}"
+            f"no view for sweep(s) {', '.join(unknown)}; views in the store: {', '.join(names) or 'none'}"
         )
-    methods = sorted({method_of(r) for r in load_runs(results_dir)})
+    views = runs_by_view(results_dir)
+    methods = sorted({method_of(r) for runs in views.values() for r in runs})
     out = Path(args.out or args.results_dir)
     for sweep in wanted:
-        for path in write_report(load_runs(results_dir, sweep), sweep, out, results_dir, methods):
+        for path in write_report(views[sweep], sweep, out, results_dir, methods):
             print(path)
 
 

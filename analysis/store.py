@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from astra.results import RunResult
+from astra.results import RunResult, sweep_names, sweep_signatures
 from astra.results import load_runs as load_store
 
 # never ablation axes: what varies across the cells of a table, and Hydra's own settings; each run's
@@ -43,6 +43,17 @@ def load_runs(results_dir: str | Path, sweep: str | None = None) -> list[RunResu
     """Every trustworthy result of the store (or of one sweep's view); a file that cannot be read or
     verified is named on stderr and left out, so one bad file never hides a table."""
     return load_store(results_dir, sweep, strict=False)
+
+
+def runs_by_view(results_dir: str | Path, sweeps: Iterable[str] | None = None) -> dict[str, list[RunResult]]:
+    """The runs of each sweep view (default: every view), every result file read once; a run shared
+    by two views appears in both lists."""
+    everything = {r.run_info.signature: r for r in load_runs(results_dir)}
+    names = sweep_names(results_dir) if sweeps is None else list(sweeps)
+    return {
+        sweep: [everything[sig] for sig in sorted(sweep_signatures(results_dir, sweep)) if sig in everything]
+        for sweep in names
+    }
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

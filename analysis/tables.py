@@ -31,13 +31,13 @@ from analysis.store import (
     ablation_axes,
     get,
     group_runs,
-    load_runs,
     method_of,
     mixed_keys,
     ordered,
+    runs_by_view,
 )
 from astra.erank import MODULE_ORDER, by_module_type
-from astra.results import RunResult, sweep_names, sweep_signatures
+from astra.results import RunResult
 
 
 @dataclass(frozen=True)
@@ -472,12 +472,11 @@ def regenerate(results_dir: Path, out_dir: Path, smooth: float = 0.0) -> list[Pa
     """
     from analysis.curves import sweep_figures
 
-    everything = {r.run_info.signature: r for r in load_runs(results_dir)}
-    methods = {method_of(r) for r in everything.values()}
+    views = runs_by_view(results_dir)
+    methods = {method_of(r) for runs in views.values() for r in runs}
     written: list[Path] = []
     index = []
-    for sweep in sweep_names(results_dir):
-        sweep_runs = [everything[s] for s in sorted(sweep_signatures(results_dir, sweep)) if s in everything]
+    for sweep, sweep_runs in views.items():
         for table in sweep_tables(sweep_runs, sweep):
             written += write_table(table, out_dir / "tables")
             index.append(table.to_markdown())

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from analysis.curves import plot_curves, plot_rank_probes, safe_name
 from analysis.status import counts_line, sweep_status
-from analysis.store import load_runs, method_of
+from analysis.store import load_runs, method_of, runs_by_view
 from analysis.tables import (
     Table,
     ablation_calib_table,
@@ -78,7 +78,8 @@ def item(item_id: str) -> PaperItem:
 
 def item_runs(results_dir: str | Path, paper_item: PaperItem, scale: str = "paper") -> list[RunResult]:
     """Runs of the item's sweep views (a run shared by two of them once), in signature order."""
-    runs = {r.run_info.signature: r for s in paper_item.sweep_list(scale) for r in load_runs(results_dir, s)}
+    views = runs_by_view(results_dir, paper_item.sweep_list(scale))
+    runs = {r.run_info.signature: r for members in views.values() for r in members}
     return [runs[sig] for sig in sorted(runs)]
 
 
