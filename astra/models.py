@@ -58,7 +58,10 @@ def model_config(name: str) -> Any:
 
 def package_dir(package: str) -> Path:
     """Folder of an installed package, found without importing it (its runtime deps may be absent)."""
-    spec = importlib.util.find_spec(package)
+    try:
+        spec = importlib.util.find_spec(package)
+    except ImportError:  # a broken install reads as a missing one
+        spec = None
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(
             f"package {package!r} is not installed; run `make install` (it installs the embedded models)"

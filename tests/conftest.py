@@ -59,13 +59,20 @@ def in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
 
 
+def installed(package: str) -> bool:
+    try:
+        return importlib.util.find_spec(package) is not None
+    except (ImportError, ValueError):  # a broken or blocked install counts as missing
+        return False
+
+
 def missing_integration_inputs() -> list[str]:
     """What an integration test needs and this machine lacks (empty when all is there)."""
     missing = []
     if not REAL_DATA_DIR.is_dir():
         missing.append(f"benchmark data at {REAL_DATA_DIR} (set ASTRA_REAL_DATA_DIR)")
     for package in EMBEDDED_PACKAGES:
-        if importlib.util.find_spec(package) is None:
+        if not installed(package):
             missing.append(f"embedded model package {package!r} (`make install`)")
     return missing
 

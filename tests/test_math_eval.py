@@ -18,7 +18,7 @@ from astra.evaluate.math_eval import (
     math_correct,
     math_equiv,
 )
-from tests.conftest import DATA_DIR, requires_data
+from tests.conftest import DATA_DIR
 
 
 def read_jsonl(path) -> list[dict]:
