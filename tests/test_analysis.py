@@ -536,6 +536,8 @@ def test_every_registered_method_gets_a_distinct_colour_and_a_position() -> None
     assert method_colors(["astra"])["astra"] == colors["astra"] == PALETTE[PAPER_METHODS.index("astra")]
     many = method_colors([f"m{i:02d}" for i in range(40)])
     assert len(set(many.values())) == len(many)  # past the palette: generated, still distinct
+    # a table listing methods gives every registered method one row, in that order
+    assert sweep_table([], expected=methods).rows == order
     labels = ordered([f"{m} (rank=16)" for m in methods] + [f"{m} (rank=4)" for m in methods])
     assert len(labels) == 2 * len(methods) and labels[:2] == ["full_ft (rank=4)", "full_ft (rank=16)"]
 
