@@ -32,7 +32,8 @@ from torch.utils.data import DataLoader
 from astra import config as schemas
 from astra import results as store
 from astra.data import Task, build_task
-from astra.methods import BuildContext, BuildReport, InitMethod, get_method
+from astra.build import build_trainable
+from astra.methods import BuildContext, InitMethod, get_method, load_methods
 from astra.models import load_model
 from astra.results import EvalInfo, MetaInfo, RunInfo, RunResult
 from astra.tracking import make_tracker
@@ -47,14 +48,9 @@ PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "hydra-co
 # --- registry and config ------------------------------------------------------------------------------
 def load_registry() -> None:
     """Import every module that registers methods, task families or schemas."""
-    import astra.methods
     import astra.nlg  # noqa: F401  (registers the math, code and commonsense task families)
 
-    if hasattr(astra.methods, "load_methods"):
-        astra.methods.load_methods()
-    else:  # until astra.methods discovers its modules itself
-        import astra.astra_init  # noqa: F401
-        import baselines  # noqa: F401
+    load_methods()
     schemas.register_all()
 
 
@@ -157,15 +153,6 @@ def build_context(cfg: DictConfig, task: Task, model_id: str) -> BuildContext:
     )
 
 
-def build_trainable(model: torch.nn.Module, method: InitMethod, ctx: BuildContext) -> tuple[Any, BuildReport]:
-    """The one build path (astra.build) once it exists; the method's own `build` until then."""
-    try:
-        from astra.build import build_trainable as build
-    except ImportError:
-        return method.build(model, ctx)
-    return build(model, method, ctx)
-
-
 def scratch_dir(cfg: DictConfig, sig: str) -> str:
     return str(Path(cfg.paths.output_dir) / cfg.sweep.name / sig)
 
@@ -181,7 +168,7 @@ def execute(cfg: DictConfig, sig: str, tracker: Any, result: RunResult) -> None:
     probe = probe_batch(task)
     result.train_info.base_loss = batch_loss(model, probe)
 
-    model, report = build_trainable(model, method, build_context(cfg, task, model_id))
+    model, report = build_trainable(model, method, build_context(cfg, task, model_id))  # the one build path
     info = result.train_info
     info.init_seconds, info.init = report.init_seconds, {"layers": report.layers, **report.extra}
     info.step0_loss = batch_loss(model, probe)

@@ -29,7 +29,7 @@ from astra.astra_init import eigendecompose, target_linears
 from astra.data import build_task
 from astra.methods import get_method
 from astra.models import load_model
-from astra.run import build_context, compose_config
+from astra.pipeline import build_context, compose_config
 from astra.stats import stat_options, stream_covariances
 
 
