@@ -70,9 +70,11 @@ class LoraGAMethodConfig(MethodConfig):
 def gradient_svd(
     grad: torch.Tensor, rank: int, niter: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(U (d_out, k), S (k,), Vh (k, d_in)) of the gradient in fp32, k >= 2r singular triplets."""
-    if 2 * rank > min(grad.shape):
-        raise ValueError(f"LoRA-GA needs 2r <= min{tuple(grad.shape)} singular vectors; rank is {rank}")
+    """(U (d_out, k), S (k,), Vh (k, d_in)) of the gradient in fp32, k = min(2r, d_out, d_in) or more."""
+    if rank > min(grad.shape):
+        raise ValueError(
+            f"LoRA-GA rank {rank} exceeds min{tuple(grad.shape)}, the number of singular vectors"
+        )
     grad = grad.float()
     if niter == 0:
         return torch.linalg.svd(grad, full_matrices=False)
@@ -80,12 +82,21 @@ def gradient_svd(
     return U, S, V.T
 
 
-def direction_slices(direction: str, rank: int) -> tuple[Any, Any]:
-    """(indices of A's rows in Vh, indices of B's columns in U) among the first 2r singular vectors."""
+def direction_slices(direction: str, rank: int, k: int) -> tuple[Any, Any]:
+    """(indices of A's rows in Vh, indices of B's columns in U) among the first 2r of k singular vectors.
+
+    Ours, where the paper is silent: when 2r > k = min(d_out, d_in) (r = 128 on SmolLM2's 192-row k/v
+    projections) only k singular vectors exist, and ArB2r / A2rBr take the second slice as the last r of
+    them (overlapping the first by 2r - k, reported per layer as `slice_overlap`); ArBr and random need 2r.
+    """
+    second = slice(rank, 2 * rank) if 2 * rank <= k else slice(k - rank, k)
     if direction == "ArB2r":
-        return slice(0, rank), slice(rank, 2 * rank)
+        return slice(0, rank), second
     if direction == "A2rBr":
-        return slice(rank, 2 * rank), slice(0, rank)
+        return second, slice(0, rank)
+    if 2 * rank > k:
+        raise ValueError(f"LoRA-GA direction={direction} needs 2r = {2 * rank} <= {k} singular vectors; "
+                         "use direction ArB2r or A2rBr (they shift the second slice) or a smaller rank")  # fmt: skip
     if direction == "ArBr":
         return slice(1, 2 * rank, 2), slice(0, 2 * rank, 2)
     perm = torch.randperm(2 * rank).tolist()  # release: a random split of the first 2r (seeded by the run)
@@ -96,7 +107,7 @@ def paper_factors(weight: torch.Tensor, grad: torch.Tensor, spec: Any) -> tuple[
     """(A (r, d_in), B (d_out, r)) by the paper's formula and the authors' release."""
     cfg, r, s = spec.method, spec.rank, spec.scaling
     U, _, Vh = gradient_svd(grad, r, cfg.svd_niter)
-    a_idx, b_idx = direction_slices(cfg.direction, r)
+    a_idx, b_idx = direction_slices(cfg.direction, r, min(grad.shape))
     A, B = Vh[a_idx], U[:, b_idx]
     if cfg.scale == "stable":
         factor = (
@@ -140,5 +151,8 @@ class LoraGA(InitMethod):
         else:
             A, B = paper_factors(weight, grad, spec)
             init = residual_init(weight, A, B, spec.scaling)
-        init.info = {"grad_norm": float(grad.float().norm())}
+        init.info = {
+            "grad_norm": float(grad.float().norm()),
+            "slice_overlap": max(0, 2 * spec.rank - min(grad.shape)),
+        }
         return init

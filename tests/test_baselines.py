@@ -130,6 +130,28 @@ def test_lora_ga_paper_takes_the_gradient_singular_vector_slices(direction: str,
     assert_close(init.residual, W - SCALING * init.B @ init.A)
 
 
+@pytest.mark.parametrize("direction", ["ArB2r", "A2rBr"])
+def test_lora_ga_rank_above_half_the_smaller_side_shifts_the_second_slice(direction: str) -> None:
+    """2r > min(d_out, d_in) (r = 128 on a 192-row k/v): the second slice is the last r singular vectors."""
+    W, *_ = spectral_matrix(24, 16, seed=1)
+    G, U, _, V = spectral_matrix(24, 16, seed=2)
+    r, k = 10, 16
+    spec = LayerSpec(
+        name="layer", rank=r, scaling=SCALING, method=LoraGAMethodConfig(name="lora_ga", direction=direction)
+    )
+    init = get_method("lora_ga").init(W, G, spec)
+    first, second = slice(0, r), slice(k - r, k)
+    a_cols, b_cols = (first, second) if direction == "ArB2r" else (second, first)
+    assert_close(proj(init.A.T), proj(V[:, a_cols]))
+    assert_close(proj(init.B), proj(U[:, b_cols]))
+    assert init.info["slice_overlap"] == 2 * r - k
+    assert_close(init.residual, W - SCALING * init.B @ init.A)
+    with pytest.raises(ValueError, match="use direction ArB2r or A2rBr"):
+        get_method("lora_ga").init(
+            W, G, LayerSpec("layer", r, SCALING, LoraGAMethodConfig(name="lora_ga", direction="ArBr"))
+        )
+
+
 @pytest.mark.parametrize("scale", ["unit", "gd", "weight_svd"])
 def test_lora_ga_paper_scales(scale: str) -> None:
     W, _, S_w, _ = spectral_matrix(24, 16, seed=1)
@@ -353,7 +375,7 @@ def test_lora_ga_uses_at_most_grad_batches(compose) -> None:
 @requires_data
 @pytest.mark.parametrize("method", ALL_METHODS)
 def test_end_to_end_tiny_bert_mrpc(compose, method: str) -> None:
-    from astra.run import run_experiment
+    from astra.pipeline import run_experiment
 
     cfg = compose(["model=tiny-bert", "task=glue/mrpc", f"method={method}", "trainer.max_steps=2",
                    "trainer.batch_size=4", "task.train_limit=32", "eval.limit=16", "calib.n=4"])  # fmt: skip
@@ -367,7 +389,7 @@ def test_end_to_end_tiny_bert_mrpc(compose, method: str) -> None:
 @requires_data
 @pytest.mark.parametrize("method", ALL_METHODS)
 def test_end_to_end_tiny_llama_metamath(compose, method: str) -> None:
-    from astra.run import run_experiment
+    from astra.pipeline import run_experiment
 
     cfg = compose(["model=tiny-llama", "task=metamath", f"method={method}", "trainer.max_steps=2",
                    "trainer.batch_size=2", "task.train_limit=8", "task.max_length=96", "eval.limit=1",
