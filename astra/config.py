@@ -307,7 +307,7 @@ class PathsConfig:
     data_dir: str = "${oc.env:ASTRA_DATA_DIR,data}"  # layout of ../shared/data; missing files: the Hub
     results_dir: str = "${oc.env:ASTRA_RESULTS_DIR,results}"  # runs/, views/, claims/ (astra.results)
     cache_dir: str = "${oc.env:ASTRA_CACHE_DIR,${oc.env:HOME}/.cache/astra}"  # converted models, statistics
-    output_dir: str = "outputs"  # a run writes scratch files and wandb to <output_dir>/<sweep>/<signature>/
+    output_dir: str = "${oc.env:ASTRA_OUTPUT_DIR,outputs}"  # scratch, wandb: <output_dir>/<sweep>/<sig>/
 
 
 @dataclass

@@ -9,8 +9,8 @@ and cache/results folders isolated per test.
   set (a CI run that silently skips them proves nothing) and skip with the reason otherwise.
 - The data folder is switched per test, before its fixtures run: `ASTRA_DATA_DIR` and the `DATA_DIR`
   global of the test's module (imported from here) point at the tiny or the real data.
-- `ASTRA_CACHE_DIR` and `ASTRA_RESULTS_DIR` are a fresh folder per unit test; integration tests share
-  one cache per session, so the embedded GGUF model is converted once.
+- `ASTRA_CACHE_DIR`, `ASTRA_RESULTS_DIR` and `ASTRA_OUTPUT_DIR` are fresh folders per test; integration
+  tests share one cache per session, so the embedded GGUF model is converted once.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ atexit.register(shutil.rmtree, SESSION_DIR, ignore_errors=True)
 SESSION_CACHE_DIR = SESSION_DIR / "cache"
 os.environ["ASTRA_CACHE_DIR"] = str(SESSION_CACHE_DIR)
 os.environ["ASTRA_RESULTS_DIR"] = str(SESSION_DIR / "results")
+os.environ["ASTRA_OUTPUT_DIR"] = str(SESSION_DIR / "outputs")
 os.environ["ASTRA_DATA_DIR"] = str(TINY_DATA_DIR)
 
 DATA_DIR = TINY_DATA_DIR  # what a test module sees; switched to REAL_DATA_DIR for integration tests
@@ -95,10 +96,11 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 @pytest.fixture(autouse=True)
 def isolated_dirs(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A fresh cache and results folder per unit test; one shared cache for integration tests."""
+    """Fresh cache, results and output folders per test; one shared cache for integration tests."""
     integration = request.node.get_closest_marker("integration") is not None
     monkeypatch.setenv("ASTRA_CACHE_DIR", str(SESSION_CACHE_DIR if integration else tmp_path / "astra-cache"))
     monkeypatch.setenv("ASTRA_RESULTS_DIR", str(tmp_path / "astra-results"))
+    monkeypatch.setenv("ASTRA_OUTPUT_DIR", str(tmp_path / "astra-outputs"))
 
 
 @pytest.fixture
