@@ -301,3 +301,33 @@ def test_migration_moves_schema_1_files_into_runs_and_views(compose, tmp_path):
     assert len(list((store / "legacy").rglob("*.json"))) == 4
     assert not list(store.glob("glue_table1/*.json")) and not list(store.glob("ablation_rank/*.json"))
     assert migrate_store(store) == 0  # idempotent
+
+
+# --- sweep status (astra.sweeps, pipeline side) ---------------------------------------------------
+def test_sweep_status_from_the_store(compose, tmp_path):
+    from astra import sweeps
+
+    store = tmp_path / "results"
+    extra = [f"paths.results_dir={store}"]
+    runs = sweeps.expected_runs("demo_select", extra)
+    assert len(runs) == 8 and {r.state for r in runs} == {"missing"}  # select x seed = 4 x 2
+    cfg = compose(["sweep=demo_select", "method=astra", "method.select=head", "seed=1", *extra])
+    config, unsigned, signature = run_identity(cfg)
+    assert signature in {r.signature for r in runs}
+    done = RunResult(run_info=RunInfo(signature=signature, sweep="demo_select", status="success", config=config,
+                                      unsigned=unsigned))  # fmt: skip
+    write_result(run_path(store, signature), done)
+    other = next(r for r in runs if r.signature != signature)
+    claim = try_claim(store, other.signature, timeout_s=3600)  # a live run elsewhere
+    results.mark_view(store, "demo_select", "f" * 12)  # from an older version of the sweep file
+    states = {r.signature: r.state for r in sweeps.expected_runs("demo_select", extra)}
+    assert states[signature] == "present" and states[other.signature] == "running"
+    assert list(states.values()).count("missing") == 6
+    claim.release()
+    proc = subprocess.run([sys.executable, "-m", "astra.sweeps", "status", "demo_select", *extra],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "8 runs expected; 1 present, 0 failed, 0 running, 7 missing, 0 invalid" in proc.stdout
+    assert "f" * 12 in proc.stdout  # the view's unexpected marker is reported
+    write_atomic(run_path(store, signature), {**done.to_dict(), "eval_info": {"metrics": {"acc": "high"}}})
+    assert sweeps.status("demo_select", extra) == 1  # an unreadable result fails `make status`
