@@ -31,8 +31,8 @@ from torch.utils.data import DataLoader
 
 from astra import config as schemas
 from astra import results as store
-from astra.data import Task, build_task
 from astra.build import build_trainable
+from astra.data import Task, build_task
 from astra.methods import BuildContext, InitMethod, get_method, load_methods
 from astra.models import load_model
 from astra.results import EvalInfo, MetaInfo, RunInfo, RunResult

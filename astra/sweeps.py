@@ -135,7 +135,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     p_status = sub.add_parser("status", help="which runs of a sweep are present, failed, running or missing")
     p_status.add_argument("sweep", help="name of a file in conf/sweep/")
-    p_status.add_argument("overrides", nargs="*", help="extra overrides, as given to astra-run (may sweep: a=1,2)")
+    p_status.add_argument(
+        "overrides", nargs="*", help="extra overrides, as given to astra-run (may sweep: a=1,2)"
+    )
     p_migrate = sub.add_parser("migrate", help="move schema-1 results into runs/ + views/")
     p_migrate.add_argument("results_dir", nargs="?", default=None, help="default: paths.results_dir")
     args = parser.parse_args(argv)

@@ -102,7 +102,9 @@ def test_debug_group_is_a_tiny_run_without_logger(compose):
     assert cfg.model.name == "tiny-bert"
     assert cfg.trainer.max_steps == 2 and cfg.eval.limit == 32 and cfg.calib.n == 8
     llama = compose(["debug=tiny_llama"])
-    assert llama.model.name == "tiny-llama" and llama.task.head == "causal_lm" and llama.trainer.max_steps == 2
+    assert (
+        llama.model.name == "tiny-llama" and llama.task.head == "causal_lm" and llama.trainer.max_steps == 2
+    )
     demo = compose(["sweep=demo", "debug=tiny"])  # a sweep's task stays, only its scale shrinks
     assert demo.task.name == "glue/sst2" and demo.model.name == "tiny-bert" and demo.sweep.name == "demo"
 

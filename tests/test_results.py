@@ -293,7 +293,9 @@ def test_migration_moves_schema_1_files_into_runs_and_views(compose, tmp_path):
     legacy_file(store, "ablation_rank", cfg, status="failed")
     legacy_file(store, "ablation_rank", other, status="failed")
     assert migrate_store(store) == 4
-    assert sorted(p.name for p in (store / "runs").iterdir()) == sorted(f"{sig(c)}.json" for c in (cfg, other))
+    assert sorted(p.name for p in (store / "runs").iterdir()) == sorted(
+        f"{sig(c)}.json" for c in (cfg, other)
+    )
     migrated = read_result(run_path(store, sig(cfg)))  # verified against today's signature
     assert migrated.ok and migrated.schema_version == 2 and "paths" in migrated.run_info.unsigned
     assert sweep_signatures(store, "glue_table1") == {sig(cfg)}

@@ -132,7 +132,9 @@ def test_run_shared_by_two_sweeps_is_computed_once(compose, tmp_path, capsys):
     assert first is not None and second is None and "successful result exists" in capsys.readouterr().out
     (path,) = result_files(tmp_path)
     results = tmp_path / "results"
-    assert sweep_signatures(results, "glue_table1") == sweep_signatures(results, "ablation_rank") == {path.stem}
+    assert (
+        sweep_signatures(results, "glue_table1") == sweep_signatures(results, "ablation_rank") == {path.stem}
+    )
     assert [r.run_info.sweep for r in load_runs(results, "ablation_rank")] == ["glue_table1"]
 
 
