@@ -124,8 +124,35 @@ def selected_energy(values: torch.Tensor, vectors: torch.Tensor, columns: torch.
     return (coeff.square() * values.to(columns.dtype)[:, None]).sum(0)
 
 
+def null_complement(range_vectors: torch.Tensor) -> torch.Tensor:
+    """(d, d - k): an orthonormal basis of the complement of the range eigenvectors `range_vectors` (d, k).
+
+    The complement is C's null space (eigenvalue exactly 0, a degenerate eigenspace: any orthonormal basis
+    of it is an eigenbasis). It is computed from the stored range vectors alone (complete QR), so a cached
+    and a fresh init agree bit for bit; it is not necessarily the basis `astra.eigen.decompose` returned.
+    """
+    complete, _ = torch.linalg.qr(range_vectors, mode="complete")
+    return complete[:, range_vectors.shape[1] :]
+
+
+def selected_columns(vectors: torch.Tensor, r: int, select: str, seed: int) -> torch.Tensor:
+    """The r columns (d, r) of a selection, from all eigenvectors (d, d) or only the range ones (d, k < d).
+
+    With the range only, the null-space block (the first d - k eigenvectors, eigenvalue 0) is rebuilt
+    only when the selection reaches into it (tail, middle; head beyond k): head selections of a
+    d_out > d_in layer never pay for the d_out^2 complement.
+    """
+    d, k = vectors.shape
+    if k < d and select == "head" and r <= k:
+        return vectors[:, k - r :]
+    if k < d and select != "random":
+        vectors = torch.cat([null_complement(vectors), vectors], dim=1)
+    return candidate_columns(vectors, r, select, seed)
+
+
 def astra_init(weight: torch.Tensor, eigens: Eigens, spec: LayerSpec) -> LoraInit:
-    """The Astra init of one layer from its covariance's eigenpairs: values (d_out,), vectors (d_out, d_out).
+    """The Astra init of one layer from its covariance's eigenpairs: values (d_out,) ascending, vectors
+    (d_out, d_out), or (d_out, k) the range eigenvectors when the others span the null space (values 0).
 
     `info`: rank, selection, the fraction of trace(C) in the selected directions, and the eigengap at
     the selection boundary (`astra.eigen.boundary`: whether the accumulation precision resolves it).
@@ -138,11 +165,12 @@ def astra_init(weight: torch.Tensor, eigens: Eigens, spec: LayerSpec) -> LoraIni
         raise ValueError(
             f"layer {spec.name}: rank {spec.rank} exceeds d_out={d_out} (an eigenbasis has d_out vectors)"
         )
-    columns = candidate_columns(
+    columns = selected_columns(
         vectors, spec.rank, m.select, layer_seed(m.select_seed, spec.name)
     ).contiguous()
     A, B, residual = astra_factors(weight, columns, spec.scaling)
-    energy = float(selected_energy(values, vectors, columns).double().sum()) / max(
+    in_basis = values[values.numel() - vectors.shape[1] :]  # the null block's eigenvalues are exactly 0
+    energy = float(selected_energy(in_basis, vectors, columns).double().sum()) / max(
         float(values.double().sum()), 1e-300
     )
     info = {"rank": spec.rank, "select": str(m.select), "energy_fraction": energy,
@@ -188,14 +216,20 @@ class Astra(InitMethod):
             )
 
     def reduce(self, stats: Any, cfg: Any) -> Reduced:
-        """Eigenpairs of one layer's output covariance (`stats.matrix`, (d_out, d_out)), any rank, any selection."""
+        """Eigenpairs of one layer's output covariance (`stats.matrix`, (d_out, d_out)), for any rank and any
+        selection: values (d_out,), vectors (d_out, d_out) or, when C has a null space, (d_out, rank C)."""
         eig = decompose(stats, str(cfg.eig_dtype))
+        null = int(eig.info.get("null_dim", 0)) if eig.info.get("solver") == "range" else 0
         meta = {
             **eig.info,
             "tokens": int(stats.tokens),
             "rank_deficient": int(stats.tokens) < eig.values.numel(),
         }
-        return Reduced(tensors={"values": eig.values, "vectors": eig.vectors.contiguous()}, meta=meta)
+        # a d_out > d_in layer keeps only its range eigenvectors (d_out, d_in + 1): the null-space basis is
+        # recomputed on demand (`null_complement`), so a LLaMA-7B gate/up entry holds 11008 x 4097, not 11008^2
+        return Reduced(
+            tensors={"values": eig.values, "vectors": eig.vectors[:, null:].contiguous()}, meta=meta
+        )
 
     def reduce_options(self, cfg: Any) -> dict[str, Any]:
         return {"eig_dtype": str(cfg.eig_dtype)}

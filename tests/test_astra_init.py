@@ -57,7 +57,9 @@ def test_selection_projector_equals_expected_eigenvectors(select, eig_dtype):
     d, r = 12, 3
     expected = {"tail": q[:, :r], "head": q[:, d - r :], "middle": q[:, d // 2 : d // 2 + r]}[select]
     cov = cov.float() if eig_dtype == "fp32" else cov
-    init, reduced = astra_layer(cov, torch.randn(d, 7, dtype=cov.dtype), r, select=select, eig_dtype=eig_dtype)
+    init, reduced = astra_layer(
+        cov, torch.randn(d, 7, dtype=cov.dtype), r, select=select, eig_dtype=eig_dtype
+    )
     tol = 1e-5 if eig_dtype == "fp32" else 1e-12
     assert torch.allclose(projector(init.B.double()), projector(expected), atol=tol)
     assert torch.allclose(reduced.tensors["values"].double(), lam, rtol=tol, atol=tol)
@@ -80,6 +82,45 @@ def test_reduced_is_rank_and_selection_independent():
         init = method.init(torch.randn(12, 5, dtype=torch.float64), reduced, LayerSpec("layer", r, 1.0, m))
         expected = {"tail": q[:, :r], "head": q[:, 12 - r :], "middle": q[:, 6 : 6 + r]}[select]
         assert torch.allclose(projector(init.B), projector(expected), atol=1e-9)
+
+
+def test_range_only_eigenvectors_give_the_same_init_as_all_of_them():
+    """d_out > d_in + 1: C = W_aug P W_aug^T has a null space; the reduction keeps the range eigenvectors only.
+    Selections within the range give exactly the factors of the full eigenbasis; a tail selection is an
+    orthonormal basis of (part of) the null space of W_aug^T (degenerate eigenvalue 0: any basis is one)."""
+    from astra.eigen import decompose
+    from astra.methods import Reduced
+
+    g = torch.Generator().manual_seed(0)
+    w_aug = torch.randn(12, 5, generator=g, dtype=torch.float64)  # [W | b], d_in = 4
+    x = torch.randn(40, 5, generator=g, dtype=torch.float64)
+    moment = x.T @ x / 40
+    stats = LayerStats(name="gate", kind="output_cov", matrix=w_aug @ moment @ w_aug.T, tokens=40, samples=4,
+                       input_moment=moment, weight_aug=w_aug)  # fmt: skip
+    method = get_method("astra")
+    reduced = method.reduce(stats, AstraMethodConfig(eig_dtype="fp64"))
+    full = decompose(stats, "fp64")
+    assert reduced.tensors["vectors"].shape == (12, 5) and full.vectors.shape == (12, 12)
+    whole = Reduced(tensors={"values": full.values, "vectors": full.vectors}, meta=reduced.meta)
+    weight = w_aug[:, :4].contiguous()
+    for select, r in [("head", 3), ("head", 5), ("random", 3)]:
+        spec = LayerSpec("gate", r, 2.0, AstraMethodConfig(select=select, eig_dtype="fp64"))
+        a, b = method.init(weight, reduced, spec), method.init(weight, whole, spec)
+        assert torch.equal(a.B, b.B) and torch.equal(a.A, b.A), (select, r)
+        assert a.info["energy_fraction"] == pytest.approx(b.info["energy_fraction"], abs=1e-12)
+    for r in (3, 7):  # within the null space, and all of it
+        spec = LayerSpec("gate", r, 2.0, AstraMethodConfig(select="tail", eig_dtype="fp64"))
+        a, b = method.init(weight, reduced, spec), method.init(weight, whole, spec)
+        assert torch.allclose(a.B.T @ a.B, torch.eye(r, dtype=torch.float64), atol=1e-12)
+        assert (w_aug.T @ a.B).abs().max() < 1e-10 and a.A.abs().max() < 1e-10  # V^T W = 0
+        assert a.info["energy_fraction"] == pytest.approx(0.0, abs=1e-12)
+        if r == 7:  # the whole null space: the same subspace as decompose's basis
+            assert torch.allclose(projector(a.B), projector(b.B), atol=1e-10)
+    spec = LayerSpec(
+        "gate", 9, 2.0, AstraMethodConfig(select="tail", eig_dtype="fp64")
+    )  # null space + 2 range
+    a, b = method.init(weight, reduced, spec), method.init(weight, whole, spec)
+    assert torch.allclose(projector(a.B), projector(b.B), atol=1e-10)
 
 
 def test_random_select_is_seeded_orthonormal_control():
@@ -200,7 +241,9 @@ def test_effective_rank_allocation_end_to_end(compose, tmp_path):
     )
     from peft.tuners.lora import LoraLayer
 
-    ranks = {name: layer.r["default"] for name, layer in model.named_modules() if isinstance(layer, LoraLayer)}
+    ranks = {
+        name: layer.r["default"] for name, layer in model.named_modules() if isinstance(layer, LoraLayer)
+    }
     allocated = report.extra["rank_allocation"]
     assert sum(ranks.values()) == 4 * len(ranks) == sum(allocated.values())
     assert sorted(ranks.values()) == sorted(allocated.values()) and len(set(ranks.values())) > 1
@@ -251,7 +294,9 @@ def test_docs_worked_example(method, expected):
         "x": torch.tensor([[[2.0, 0.0], [0.0, 1.0], [-2.0, 0.0]]]),
         "attention_mask": torch.tensor([[1, 1, 0]]),
     }
-    stats = dict(collect_statistics(model, {"lin": model.lin}, "output_cov", [batch], astra.stat_options(m)))["lin"]
+    stats = dict(collect_statistics(model, {"lin": model.lin}, "output_cov", [batch], astra.stat_options(m)))[
+        "lin"
+    ]
     ref = [[1.0, -0.5], [-0.5, 0.25]] if method == "astra" else [[2.0, 0.0], [0.0, 0.25]]
     assert torch.allclose(stats.matrix, torch.tensor(ref))
     init = astra.init(model.lin.weight, stats, LayerSpec("lin", 1, 1.0, m))
