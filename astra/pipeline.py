@@ -71,9 +71,52 @@ def method_schema(name: str) -> type | None:
         return None
 
 
-def unsigned_paths_of(config: dict[str, Any]) -> list[str]:
-    """Unsigned paths of a stored (plain) config under today's schemas (store migration)."""
-    return schemas.unsigned_paths(config, schemas.static_schema_at(config, method_schema))
+def compatible(old: Any, new: Any) -> bool:
+    """Whether a stored value can stand where today's schema has `new` (same JSON shape; None = optional)."""
+    if old is None or new is None:
+        return True
+    if isinstance(new, list):
+        return isinstance(old, list) and all(not isinstance(v, dict | list) for v in old) == all(
+            not isinstance(v, dict | list) for v in new
+        )
+    if isinstance(new, bool) or isinstance(old, bool):
+        return type(old) is type(new)
+    numbers = int | float
+    return (isinstance(old, numbers) and isinstance(new, numbers)) or type(old) is type(new)
+
+
+def overlay(today: dict[str, Any], old: dict[str, Any]) -> dict[str, Any]:
+    """Today's config for the same choices, with every stored value that still has a compatible field.
+
+    Fields added since take today's default (which must reproduce the old behaviour: that is the rule
+    for adding a field); fields removed since are dropped; a field whose shape changed (task.metrics:
+    names -> specs) takes today's value."""
+    merged = {}
+    for key, value in today.items():
+        if key not in old:
+            merged[key] = value
+        elif isinstance(value, dict) and isinstance(old[key], dict):
+            merged[key] = overlay(value, old[key])
+        else:
+            merged[key] = old[key] if compatible(old[key], value) else value
+    return merged
+
+
+def upgrade_config(config: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """(config, unsigned paths) of a stored config under today's schemas (store migration): composed from
+    the same model, task and method options, overlaid with the stored values (see `overlay`). A config
+    whose options no longer exist keeps its values, signed with the schemas it names."""
+    from omegaconf import OmegaConf
+
+    choices = [f"{group}={(config.get(group) or {}).get('name')}" for group in ("model", "task", "method")]
+    try:
+        today = compose_config(choices)
+        merged = OmegaConf.merge(today, overlay(schemas.to_plain(today), config))
+    except Exception as err:  # noqa: BLE001 (an option or value today's schemas refuse: keep the config)
+        log.warning("migration: %s does not compose today (%s); its stored config is kept", choices, err)
+        return config, schemas.unsigned_paths(config, schemas.static_schema_at(config, method_schema))
+    upgraded, unsigned, _ = schemas.run_identity(merged)
+    return upgraded, unsigned
 
 
 def migrate_store(results_dir: str | Path) -> int:
@@ -81,7 +124,7 @@ def migrate_store(results_dir: str | Path) -> int:
     if not store.legacy_files(results_dir):
         return 0
     load_registry()
-    moved = store.migrate_legacy(results_dir, unsigned_paths_of)
+    moved = store.migrate_legacy(results_dir, upgrade_config)
     for old, sig in moved:
         print(f"[astra] migrated {old} -> {store.run_path(results_dir, sig)}")
     return len(moved)

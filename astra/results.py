@@ -428,7 +428,8 @@ def holder_text(info: Mapping[str, Any]) -> str:
 
 
 # --- migration of schema-1 stores ---------------------------------------------------------------------
-Resign = Callable[[dict[str, Any]], list[str]]  # stored config -> its unsigned paths under today's schema
+# stored config -> (the config under today's schemas, its unsigned paths)
+Resign = Callable[[dict[str, Any]], tuple[dict[str, Any], list[str]]]
 
 
 def legacy_files(results_dir: str | Path) -> list[Path]:
@@ -441,7 +442,8 @@ def legacy_files(results_dir: str | Path) -> list[Path]:
 
 
 def migrate_legacy(results_dir: str | Path, resign: Resign) -> list[tuple[Path, str]]:
-    """Move schema-1 results into the content-addressed layout: re-sign each under today's schema, write
+    """Move schema-1 results into the content-addressed layout: re-sign each under today's schemas
+    (`resign` upgrades its config; the original file is kept under legacy/), write
     `runs/<signature>.json` (a success is never replaced by a failure; of two successes the one already
     there stays), mark it in `views/<sweep>/`, and move the old file to `legacy/<sweep>/`. Returns
     (old path, new signature) pairs; a no-op once nothing is left to migrate."""
@@ -454,7 +456,7 @@ def migrate_legacy(results_dir: str | Path, resign: Resign) -> list[tuple[Path, 
             print(f"[astra.results] not migrating unreadable {old}: {err}", file=sys.stderr)
             continue
         info = result.run_info
-        info.unsigned = resign(info.config)
+        info.config, info.unsigned = resign(info.config)
         info.signature = signature_of(info.config, info.unsigned)
         result.schema_version = SCHEMA_VERSION
         target = run_path(results_dir, info.signature)

@@ -271,7 +271,7 @@ def test_concurrent_claims_have_exactly_one_winner(tmp_path):
 # --- migration of schema-1 stores -----------------------------------------------------------------
 def legacy_file(results_dir: Path, sweep: str, cfg, status: str = "success") -> Path:
     """A result as schema 1 wrote it: `<sweep>/<old signature>.json`, no `unsigned`, version 1."""
-    config = run_identity(cfg)[0]
+    config = cfg if isinstance(cfg, dict) else run_identity(cfg)[0]
     data = make_result(status, config).to_dict()
     data["schema_version"] = 1
     data["run_info"].pop("unsigned")
@@ -333,3 +333,36 @@ def test_sweep_status_from_the_store(compose, tmp_path):
     assert "f" * 12 in proc.stdout  # the view's unexpected marker is reported
     write_atomic(run_path(store, signature), {**done.to_dict(), "eval_info": {"metrics": {"acc": "high"}}})
     assert sweeps.status("demo_select", extra) == 1  # an unreadable result fails `make status`
+
+
+def test_migration_upgrades_configs_written_by_schema_1(compose, tmp_path):
+    """Configs as commit ab8b91e composed them (tests/schema1_configs.json): no task.head, task.metrics as
+    names, method.stats_grouping since removed. A run whose model is unchanged is found done today; the
+    tiny random models now borrow another tokenizer, so an untouched old tiny config is another run."""
+    import copy
+
+    from astra.pipeline import migrate_store, run_experiment
+
+    old = json.loads((Path(__file__).parent / "schema1_configs.json").read_text())
+    store = tmp_path / "results"
+    today = {
+        "lora": compose(["model=tiny-bert", "task=glue/mrpc", "method=lora", "trainer.max_steps=2"]),
+        "astra": compose(["model=tiny-bert", "task=glue/cola", "method=astra"]),
+        "math": compose(["model=tiny-llama", "task=metamath", "method=pissa"]),
+    }
+    for name in ("lora", "astra"):  # the same model as today's: only the schemas changed
+        config = copy.deepcopy(old[name])
+        config["model"]["tokenizer_from"] = today[name].model.tokenizer_from
+        legacy_file(store, "glue_table1", config)
+    legacy_file(store, "nlg_math_code", old["math"])
+    assert "head" not in old["lora"]["task"] and old["lora"]["task"]["metrics"] == ["accuracy", "f1"]
+    assert migrate_store(store) == 3
+    for name in ("lora", "astra"):
+        assert finished(run_path(store, sig(today[name]))), name
+    assert not finished(run_path(store, sig(today["math"])))
+    assert len(list((store / "runs").glob("*.json"))) == 3
+    migrated = read_result(run_path(store, sig(today["astra"]))).run_info.config
+    assert "stats_grouping" not in migrated["method"] and migrated["task"]["head"] == "seq_cls"
+    cfg = compose(["model=tiny-bert", "task=glue/mrpc", "method=lora", "trainer.max_steps=2",
+                   f"paths.results_dir={store}", "sweep.name=glue_table1"])  # fmt: skip
+    assert run_experiment(cfg) is None  # the migrated run is done: nothing is recomputed
