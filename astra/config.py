@@ -271,6 +271,8 @@ class TrainerConfig:
     optim: Optimizer = Optimizer.adamw_torch  # type: ignore[valid-type]
     eval_every: int = 0  # 0: evaluate at the end only
     bf16: bool = False
+    # None: on for causal LMs (memory), off for classification; exact (recomputed with the same RNG state)
+    gradient_checkpointing: bool | None = not_in_signature(None)
     dataloader_num_workers: int = not_in_signature(0)
     save_model: bool = not_in_signature(False)
     # effective-rank probes (astra/probes.py) at these optimisation steps (0 = at init; the final step is

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import importlib.metadata
 import logging
 import os
@@ -32,6 +33,7 @@ from torch.utils.data import DataLoader
 from astra import config as schemas
 from astra import results as store
 from astra.build import build_trainable
+from astra.common import sha256_file
 from astra.data import Task, build_task
 from astra.methods import BuildContext, InitMethod, get_method, load_methods
 from astra.models import load_model
@@ -250,6 +252,36 @@ def execute(cfg: DictConfig, sig: str, tracker: Any, result: RunResult) -> None:
     log.info("%s %s: %s", cfg.task.name, method.name, {k: round(v, 4) for k, v in metrics.items()})
 
 
+@functools.cache
+def file_digest(path: str, size: int, mtime_ns: int) -> str:
+    """sha256 of a data file, computed once per (size, mtime) in this process."""
+    return sha256_file(path)
+
+
+def changed_data(result: RunResult) -> list[str]:
+    """Data files a stored run read whose content differs now (files absent on this machine: not compared)."""
+    changed = []
+    for name, digest in result.meta_info.data_files.items():
+        path = Path(name)
+        if path.is_file():
+            stat = path.stat()
+            if file_digest(str(path), stat.st_size, stat.st_mtime_ns) != digest:
+                changed.append(name)
+    return changed
+
+
+def done(path: Path) -> bool:
+    """A verified successful result exists at `path` and the data files it read are unchanged."""
+    try:
+        result = store.read_result(path)
+    except store.StoreError:
+        return False
+    changed = changed_data(result) if result.ok else []
+    if changed:
+        log.warning("%s read data files that changed since (%s): running it again", path, ", ".join(changed))
+    return result.ok and not changed
+
+
 def describe(cfg: DictConfig, sig: str) -> str:
     return f"{cfg.sweep.name}/{sig} ({cfg.method.name}, {cfg.task.name}, seed {cfg.seed})"
 
@@ -276,12 +308,12 @@ def acquire(cfg: DictConfig, sig: str, path: Path) -> store.Claim | None:
     """The run's claim, or None when the run must not start here (done, or held by a live process)."""
     results_dir, timeout = cfg.paths.results_dir, cfg.sweep.claim_timeout_s
     while True:
-        if store.finished(path):
+        if done(path):
             print(f"[astra] skip {describe(cfg, sig)}: successful result exists at {path}")
             return None
         held = store.try_claim(results_dir, sig, timeout)
         if isinstance(held, store.Claim):
-            if store.finished(path):  # finished by the previous holder between our two looks
+            if done(path):  # finished by the previous holder between our two looks
                 held.release()
                 continue
             return held

@@ -452,6 +452,8 @@ def migrate_legacy(results_dir: str | Path, resign: Resign) -> list[tuple[Path, 
         try:
             with open(old) as f:
                 result = RunResult.from_dict(json.load(f), verify=False)
+        except FileNotFoundError:
+            continue  # migrated meanwhile by another process
         except (OSError, ValueError) as err:
             print(f"[astra.results] not migrating unreadable {old}: {err}", file=sys.stderr)
             continue
@@ -465,6 +467,9 @@ def migrate_legacy(results_dir: str | Path, resign: Resign) -> list[tuple[Path, 
         mark_view(results_dir, old.parent.name, info.signature)
         aside = Path(results_dir) / LEGACY / old.parent.name / old.name
         aside.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(old, aside)
+        try:
+            os.replace(old, aside)
+        except FileNotFoundError:
+            continue  # another process migrated it at the same time
         moved.append((old, info.signature))
     return moved

@@ -16,7 +16,7 @@ import pytest
 from astra.config import run_identity
 from astra.pipeline import run_experiment
 from astra.results import claim_path, load_runs, read_result, sweep_signatures
-from tests.conftest import requires_data
+from tests.conftest import DATA_DIR, requires_data
 
 TINY = ["debug=tiny"]  # conf/debug/tiny.yaml: tiny-bert, glue/mrpc, 2 steps, 64 train / 32 eval examples
 pytestmark = requires_data
@@ -186,3 +186,18 @@ def test_killed_runs_stale_claim_is_taken_over(compose, tmp_path):
     assert claim.exists() and not result_files(tmp_path)
     result = run_experiment(cfg)  # same signature: the stale claim is taken over, the run computed
     assert result is not None and result.ok and not claim.exists()
+
+
+def test_a_run_on_changed_data_is_not_skipped_as_done(compose, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(DATA_DIR / "glue" / "mrpc", data / "glue" / "mrpc")
+    cfg = compose([*TINY, "method=lora", f"paths.data_dir={data}"])
+    assert run_experiment(cfg) is not None and run_experiment(cfg) is None
+    dev = data / "glue" / "mrpc" / "dev.tsv"
+    lines = dev.read_text(encoding="utf-8-sig").splitlines(keepends=True)
+    dev.write_text("".join([lines[0], *reversed(lines[1:])]), encoding="utf-8")  # same rows, another order
+    rerun = run_experiment(cfg)
+    assert rerun is not None and rerun.ok  # the stored result read other data: computed again
+    assert run_experiment(cfg) is None
