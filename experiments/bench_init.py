@@ -1,0 +1,321 @@
+"""Astra's initialisation against a plain forward and the authors' reference procedure, on one set of
+calibration tokens.
+
+    python -m experiments.bench_init [--model smollm2-135m] [--n 64] [--seq-len 512] [--batch-size 8]
+                                     [--rank 16] [--grad] [--out FILE]
+
+Calibration tokens: CodeAlpaca examples (`ASTRA_DATA_DIR`/codealpaca) tokenised and packed into n
+rows of exactly seq_len tokens (no padding), the same rows for every procedure. Procedures:
+
+- `forward`: the plain calibration forward (the model, batches of --batch-size, no hooks);
+- `reference`: the release's procedure re-implemented from its arithmetic (LyoAI/Astra astra.py, see
+  tests/test_astra_release.py): forward hooks on all targets at once, batch 1, per call `Y / |max Y|`,
+  NaN/inf check, `Y^T Y` in fp32; then a full fp32 `eigh` of every layer's d_out x d_out matrix;
+- `astra`, `astra_code`: our init for the two presets: `astra.stats.collect_statistics` (sequential
+  engine, shared input moments) -> `astra.eigen.decompose` (fp32) -> r columns (tail / head) ->
+  A = V^T W and W - s B A for every layer, one block at a time.
+
+Times are wall-clock in this process, as ratios to the plain forward measured in the same process.
+Peak extra RSS of each is measured in a fresh process (spawned) around the procedure only (model and
+tokens loaded before). Subspace agreement: for each preset, the largest principal angle of its r
+selected columns (head) to `eigh` of the fp64 directly accumulated statistic with the same options, or
+(tail) |tr(V^T C V) - sum of the r smallest eigenvalues| / lambda_max; for `astra_code` also the
+largest principal angle to the reference's own V[:, -r:]. `--grad`: peak RSS of the LoRA-GA gradient
+statistics (`collect_statistics(kind="grad")`) plus a rank-r and a rank-128 SVD per layer, fresh process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+from torch import nn
+
+from astra.eigen import candidate_columns, decompose, principal_angle_deg
+from astra.stats import StatOptions, collect_statistics
+
+PRESETS = {
+    "astra": (StatOptions(), "tail"),  # the paper's text
+    "astra_code": (StatOptions(centered=False, sample_norm="max_abs", normalizer="forwards"), "head"),
+}
+
+
+class PeakRSS:
+    """Peak resident memory (bytes) while inside, sampled every millisecond by a thread."""
+
+    def __enter__(self) -> PeakRSS:
+        self.proc, self.stop = psutil.Process(), threading.Event()
+        self.base = self.peak = self.proc.memory_info().rss
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self.stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(0.001)
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.extra_mib = (self.peak - self.base) / 2**20
+        self.peak_mib = self.peak / 2**20
+
+
+# --------------------------------------------------------------------------------------------
+# set-up
+# --------------------------------------------------------------------------------------------
+
+
+def load(model_name: str) -> tuple[nn.Module, Any]:
+    """(model in fp32, eval mode; tokenizer) through the framework's model configs."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from astra.models import model_config, resolve_model_dir
+
+    cfg = model_config(model_name)
+    cache_dir = os.environ.get("ASTRA_CACHE_DIR", str(Path.home() / ".cache" / "astra"))
+    path = resolve_model_dir(cfg, cache_dir)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def calibration_rows(tokenizer: Any, n: int, seq_len: int) -> torch.Tensor:
+    """(n, seq_len) token ids: CodeAlpaca examples in file order, packed back to back."""
+    data_dir = Path(os.environ.get("ASTRA_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
+    examples = json.loads((data_dir / "codealpaca" / "code_alpaca_2k.json").read_text())
+    ids: list[int] = []
+    for ex in examples:
+        text = "\n".join(x for x in (ex.get("instruction"), ex.get("input"), ex.get("output")) if x)
+        ids += tokenizer(text + "\n\n")["input_ids"]
+        if len(ids) >= n * seq_len:
+            break
+    if len(ids) < n * seq_len:
+        raise ValueError(f"not enough calibration text for {n} x {seq_len} tokens")
+    return torch.tensor(ids[: n * seq_len]).reshape(n, seq_len)
+
+
+def batches_of(rows: torch.Tensor, size: int) -> list[dict[str, torch.Tensor]]:
+    return [
+        {"input_ids": rows[i : i + size], "attention_mask": torch.ones_like(rows[i : i + size])}
+        for i in range(0, rows.shape[0], size)
+    ]
+
+
+def targets_of(model: nn.Module, model_name: str) -> dict[str, nn.Linear]:
+    from astra.models import model_config
+
+    suffixes = tuple(model_config(model_name).target_modules)
+    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.endswith(suffixes)}
+
+
+# --------------------------------------------------------------------------------------------
+# procedures (each returns what the agreement check needs, or None)
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def plain_forward(model: nn.Module, batches: list) -> None:
+    for batch in batches:
+        model(**batch, use_cache=False)
+
+
+@torch.no_grad()
+def reference(model: nn.Module, targets: dict[str, nn.Linear], rows: torch.Tensor, rank: int) -> dict:
+    """The release: hooks on every target, batch 1, max-normalised Y^T Y; full fp32 eigh; V[:, -r:]."""
+    sums: dict[str, Any] = dict.fromkeys(targets, 0)
+    count = dict.fromkeys(targets, 0)
+
+    def make_hook(name: str) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            y = output[0].detach().float()
+            y = y / torch.max(y).abs()
+            if torch.isnan(y).any() or torch.isinf(y).any():
+                raise ValueError("Invalid value found in output, please check your output data.")
+            sums[name] = sums[name] + y.t().matmul(y)
+            count[name] += 1
+
+        return hook
+
+    handles = [t.register_forward_hook(make_hook(n)) for n, t in targets.items()]
+    try:
+        for i in range(rows.shape[0]):
+            model(input_ids=rows[i : i + 1], attention_mask=torch.ones_like(rows[i : i + 1]), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    heads = {}
+    for name in targets:
+        _, V = torch.linalg.eigh(sums.pop(name) / count[name])
+        heads[name] = V[:, -rank:].clone()
+        del V
+    return heads
+
+
+@torch.no_grad()
+def astra_init(model: nn.Module, targets: dict, batches: list, preset: str, rank: int) -> dict:
+    """Our init: statistics block by block -> decompose -> r columns -> A = V^T W, W - s B A."""
+    options, select = PRESETS[preset]
+    columns, scaling = {}, 2.0
+    for name, stats in collect_statistics(model, targets, "output_cov", batches, options):
+        eig = decompose(stats, "fp32")
+        V = candidate_columns(eig.vectors, rank, select).contiguous()
+        W = targets[name].weight
+        A = V.T @ W
+        _ = W - scaling * (V @ A)  # the residual the init writes
+        columns[name] = V
+        del stats, eig
+    return columns
+
+
+# --------------------------------------------------------------------------------------------
+# measurements
+# --------------------------------------------------------------------------------------------
+
+
+def setup(args: argparse.Namespace) -> tuple[nn.Module, dict, torch.Tensor, list]:
+    torch.set_num_threads(args.threads)
+    model, tokenizer = load(args.model)
+    rows = calibration_rows(tokenizer, args.n, args.seq_len)
+    return model, targets_of(model, args.model), rows, batches_of(rows, args.batch_size)
+
+
+def run_procedure(
+    name: str, model: nn.Module, targets: dict, rows: torch.Tensor, batches: list, rank: int
+) -> Any:
+    if name == "forward":
+        return plain_forward(model, batches)
+    if name == "reference":
+        return reference(model, targets, rows, rank)
+    return astra_init(model, targets, batches, name, rank)
+
+
+def memory_run(args: argparse.Namespace, name: str) -> tuple[float, float, float]:
+    """(extra MiB, peak MiB, seconds) of one procedure in this (fresh) process."""
+    model, targets, rows, batches = setup(args)
+    with PeakRSS() as mem:
+        start = time.perf_counter()
+        run_procedure(name, model, targets, rows, batches, args.rank)
+        seconds = time.perf_counter() - start
+    return mem.extra_mib, mem.peak_mib, seconds
+
+
+def grad_run(args: argparse.Namespace) -> dict[str, float]:
+    """Peak RSS of LoRA-GA's statistics (gradients as values) and per-layer SVDs at r and 128."""
+    model, targets, rows, batches = setup(args)
+    for b in batches:
+        b["labels"] = b["input_ids"].clone()
+    out: dict[str, float] = {}
+    with PeakRSS() as mem:
+        start = time.perf_counter()
+        grads = dict(collect_statistics(model, targets, "grad", batches, StatOptions(grad_micro_batch=1)))
+        out["grad_seconds"] = time.perf_counter() - start
+        for r in (args.rank, 128):
+            for g in grads.values():
+                k = min(2 * r, *g.matrix.shape)
+                U, S, Vh = torch.linalg.svd(g.matrix.float(), full_matrices=False)
+                _ = (U[:, :k], Vh[:k])
+    out.update(grad_extra_mib=mem.extra_mib, grad_peak_mib=mem.peak_mib)
+    return out
+
+
+def fresh(fn: Callable, *args: Any) -> Any:
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
+def agreement(model: nn.Module, targets: dict, batches: list, columns: dict, preset: str, rank: int) -> dict:
+    """Worst layer: head angle (deg) or tail energy error / lambda_max vs eigh of fp64 direct statistics."""
+    options, select = PRESETS[preset]
+    direct = StatOptions(**{**options.__dict__, "accum_dtype": "fp64", "accumulate": "direct"})
+    worst = 0.0
+    for name, stats in collect_statistics(model, targets, "output_cov", batches, direct, "forward"):
+        values, vectors = torch.linalg.eigh(stats.matrix)
+        V = columns[name].double()
+        if select == "head":
+            worst = max(worst, principal_angle_deg(V, vectors[:, -rank:]))
+        else:
+            energy = float(torch.trace(V.T @ stats.matrix @ V))
+            worst = max(worst, abs(energy - float(values[:rank].sum())) / float(values[-1]))
+    return {"head_angle_deg" if select == "head" else "tail_energy_rel": worst}
+
+
+def bench(args: argparse.Namespace) -> dict[str, Any]:
+    model, targets, rows, batches = setup(args)
+    names = ["forward", "reference", "astra", "astra_code"]
+    seconds, results = {}, {}
+    for name in names:  # same process: ratios to the plain forward
+        start = time.perf_counter()
+        results[name] = run_procedure(name, model, targets, rows, batches, args.rank)
+        seconds[name] = time.perf_counter() - start
+        print(f"{name}: {seconds[name]:.2f} s", flush=True)
+    memory = {name: fresh(memory_run, args, name) for name in names}
+    quality = {p: agreement(model, targets, batches, results[p], p, args.rank) for p in PRESETS}
+    quality["astra_code"]["vs_reference_angle_deg"] = max(
+        principal_angle_deg(results["astra_code"][n], results["reference"][n]) for n in targets
+    )
+    out = {"seconds": seconds, "memory": memory, "quality": quality, "layers": len(targets)}
+    if args.grad:
+        out["grad"] = fresh(grad_run, args)
+    return out
+
+
+def markdown(res: dict[str, Any], args: argparse.Namespace) -> str:
+    t, m = res["seconds"], res["memory"]
+    lines = [
+        f"Command: `python -m experiments.bench_init --model {args.model} --n {args.n} --seq-len {args.seq_len} "
+        f"--batch-size {args.batch_size} --rank {args.rank}{' --grad' if args.grad else ''}`; "
+        f"{time.strftime('%Y-%m-%d')}, {platform.machine()}, {psutil.cpu_count()} cores, "
+        f"torch {torch.__version__}, {args.threads} threads, {res['layers']} target layers.",
+        "",
+        "| procedure | time | / plain forward | peak extra RSS (fresh process) | / reference |",
+        "|---|---|---|---|---|",
+    ]
+    for name in t:
+        lines.append(
+            f"| {name} | {t[name]:.2f} s | {t[name] / t['forward']:.2f}x | {m[name][0]:.0f} MiB | "
+            f"{m[name][0] / max(m['reference'][0], 1e-9):.2f}x |"
+        )
+    lines += ["", "| preset | agreement |", "|---|---|"]
+    for preset, q in res["quality"].items():
+        lines.append(f"| {preset} | " + ", ".join(f"{k} = {v:.2e}" for k, v in q.items()) + " |")
+    if "grad" in res:
+        g = res["grad"]
+        lines += ["", f"LoRA-GA gradient statistics (+ per-layer SVD at r={args.rank} and r=128): "
+                  f"{g['grad_seconds']:.1f} s, peak RSS {g['grad_peak_mib']:.0f} MiB "
+                  f"(+{g['grad_extra_mib']:.0f} MiB over the loaded model)."]  # fmt: skip
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--n", type=int, default=64, help="calibration samples")
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=8, help="calibration batch of the forward and ours")
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--grad", action="store_true", help="also LoRA-GA gradient statistics' peak RSS")
+    parser.add_argument("--out", help="also write the Markdown table to this file")
+    args = parser.parse_args()
+    text = markdown(bench(args), args)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
