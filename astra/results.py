@@ -153,6 +153,11 @@ class RunResult:
                 raise ValueError(f"{key}: {err}") from err
         result = cls(**built, schema_version=data.get("schema_version", 1))
         check_types(result)
+        if verify and result.schema_version != SCHEMA_VERSION:
+            raise ValueError(
+                f"schema_version {result.schema_version}, expected {SCHEMA_VERSION}: migrate the store with "
+                "`python -m astra.sweeps migrate <results_dir>` (astra-run does it on start)"
+            )
         if verify:
             check_signature(result)
         return result

@@ -366,3 +366,12 @@ def test_migration_upgrades_configs_written_by_schema_1(compose, tmp_path):
     cfg = compose(["model=tiny-bert", "task=glue/mrpc", "method=lora", "trainer.max_steps=2",
                    f"paths.results_dir={store}", "sweep.name=glue_table1"])  # fmt: skip
     assert run_experiment(cfg) is None  # the migrated run is done: nothing is recomputed
+
+
+def test_schema_1_file_read_directly_asks_for_migration(tmp_path):
+    data = make_result().to_dict()
+    data["schema_version"] = 1
+    path = run_path(tmp_path, data["run_info"]["signature"])
+    write_atomic(path, data)
+    with pytest.raises(StoreError, match="astra.sweeps migrate"):
+        read_result(path)
