@@ -584,18 +584,17 @@ def collect_statistics(
         log.info("statistics: sequential engine unavailable (%s); hooks on full forwards",
                  problem or "targets in no nn.ModuleList of blocks")  # fmt: skip
         plan = None
-    with torch.no_grad(), eval_mode(model):
-        if plan is None:
-            yield from forward_statistics(model, targets, kind, batches, options)
-            return
-        if plan.outside:
-            log.info("statistics: %d targets outside the blocks (%s, ...) use a hooked full forward",
-                     len(plan.outside), plan.outside[0])  # fmt: skip
-        yield from sequential_statistics(model, targets, kind, batches, options, plan)
-        if plan.outside:
-            yield from forward_statistics(
-                model, {n: targets[n] for n in plan.outside}, kind, batches, options
-            )
+    # no_grad/eval are entered around each model call, never held across a `yield` (grad mode is
+    # thread state: held across a yield it would leak into the consumer's code)
+    if plan is None:
+        yield from forward_statistics(model, targets, kind, batches, options)
+        return
+    if plan.outside:
+        log.info("statistics: %d targets outside the blocks (%s, ...) use a hooked full forward",
+                 len(plan.outside), plan.outside[0])  # fmt: skip
+    yield from sequential_statistics(model, targets, kind, batches, options, plan)
+    if plan.outside:
+        yield from forward_statistics(model, {n: targets[n] for n in plan.outside}, kind, batches, options)
 
 
 def forward_statistics(
@@ -641,7 +640,8 @@ def sequential_statistics(
 ) -> Iterator[tuple[str, LayerStats]]:  # fmt: skip
     """Capture block 0's inputs once, then run block by block (see the module docstring)."""
     first = min(plan.members)
-    inputs = capture_block_inputs(model, plan.blocks[first], batches)
+    with torch.no_grad(), eval_mode(model):
+        inputs = capture_block_inputs(model, plan.blocks[first], batches)
     progress = tqdm(
         total=(max(plan.members) - first + 1) * len(batches), desc=f"calibration {kind}", leave=False
     )
@@ -649,7 +649,7 @@ def sequential_statistics(
         for index in range(first, max(plan.members) + 1):
             block, names = plan.blocks[index], plan.members.get(index, [])
             collector = Collector({n: targets[n] for n in names}, kind, options)
-            with collector:
+            with torch.no_grad(), eval_mode(model), collector:
                 for b, (args, kwargs) in enumerate(inputs):
                     collector.start_batch(batches[b].get("attention_mask"), b)
                     out = block(*args, **kwargs)

@@ -338,6 +338,19 @@ def test_consumer_writes_do_not_change_later_statistics():
         assert torch.equal(got[name], reference[name]), name
 
 
+@pytest.mark.parametrize("engine", ["sequential", "forward"])
+def test_grad_mode_and_train_mode_do_not_leak_into_the_consumer(engine):
+    model, batches = tiny_llama(), token_batches(causal=True)
+    model.train()
+    stream = collect_statistics(model, block_targets(model), "output_cov", batches, StatOptions(), engine)
+    for _ in stream:
+        assert torch.is_grad_enabled()
+        break
+    stream.close()  # a consumer that stops early
+    assert torch.is_grad_enabled() and model.training
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
 def test_targets_outside_blocks_fall_back_to_a_full_forward(caplog):
     model, batches = tiny_bert().double(), token_batches()
     targets = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}  # + pooler, classifier
