@@ -1,0 +1,247 @@
+"""Training and evaluation benchmarks of causal LMs, as ratios against a baseline in the same process.
+
+    python -m experiments.bench_train [--model smollm2-135m] [--methods all] [--rank 16]
+        [--batch 16] [--seq-len 512] [--steps 3] [--calib-n 64] [--decode-tokens 64]
+        [--eval-limit 32] [--eval-max-new-tokens 256] [--skip train decode eval] [--out FILE]
+
+(1) Training step: for every registered method (built through the one build path, at equal rank),
+the median time of a full optimiser step (forward, backward, AdamW) on one fixed (batch, seq-len)
+batch through the trainer's loss, and the peak extra resident memory during the steps; ratios to
+plain LoRA. (2) Decoding: greedy tokens/s at batch 1 (`astra.evaluate.generation.generate`, the
+evaluation path) next to the linear-layer floor: the time of every nn.Linear of the model (LM head
+included) on one token, measured in the same process. (3) GSM8K evaluation throughput (samples/s)
+at the configured evaluation batch, through the task's own `evaluate`. Machines here are shared and
+noisy: compare the ratios, not the absolute times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import psutil
+import torch
+
+from astra.data import build_task
+from astra.evaluate.generation import GenerationStats, generate, merged_adapters
+from astra.methods import get_method, registered_methods
+from astra.models import load_model
+from astra.pipeline import build_context, compose_config
+from astra.prompts import metamath_eval_prompt
+from astra.trainer import causal_lm_loss, causal_lm_parts, use_gradient_checkpointing
+
+
+class PeakRSS:
+    """Peak resident memory above the level at entry, sampled by a background thread (MiB)."""
+
+    def __enter__(self) -> PeakRSS:
+        self.proc, self.stop = psutil.Process(), threading.Event()
+        self.base = self.peak = self.proc.memory_info().rss
+        self.thread = threading.Thread(target=self.sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def sample(self) -> None:
+        while not self.stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(0.002)
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.mib = (self.peak - self.base) / 2**20
+        self.peak_gib = self.peak / 2**30
+
+
+def build_method(args: argparse.Namespace, method: str) -> tuple[Any, Any, Any]:
+    """(config, trainable model, task) of `method` at `args.rank`, built through the one build path."""
+    overrides = [f"model={args.model}", f"task={args.task}", f"method={method}", f"calib.n={args.calib_n}",
+                 f"calib.seq_len={args.calib_seq_len}", "logger=none", f"paths.cache_dir={args.cache_dir}"]  # fmt: skip
+    if method != "full_ft":
+        overrides.append(f"method.rank={args.rank}")
+    cfg = compose_config(overrides)
+    torch.manual_seed(cfg.seed)
+    model, tokenizer, model_id = load_model(cfg.model, cfg.task, cfg.paths.cache_dir, seed=cfg.seed)
+    task = build_task(cfg.task, tokenizer, cfg.paths.data_dir, seed=cfg.seed)
+    ctx = build_context(cfg, task, model_id)
+    try:
+        from astra.build import build_trainable
+    except ImportError:  # before the build refactor: the method's own build
+        return cfg, get_method(method).build(model, ctx)[0], task
+    return cfg, build_trainable(model, get_method(method), ctx)[0], task
+
+
+def fixed_batch(batch: int, seq_len: int, vocab: int, prompt_frac: float = 0.25) -> dict[str, torch.Tensor]:
+    """(batch, seq_len) random tokens; the first `prompt_frac` of every row is prompt (label -100)."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (batch, seq_len), generator=g)
+    labels = ids.clone()
+    labels[:, : int(seq_len * prompt_frac)] = -100
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def step_fn(model: torch.nn.Module, batch: dict[str, torch.Tensor], lr: float) -> Callable[[], float]:
+    """One optimiser step as the trainer takes it (its loss path, AdamW over the trainable parameters)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr)
+    parts = causal_lm_parts(model)
+
+    def step() -> float:
+        loss = causal_lm_loss(parts, batch) if parts else model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss)
+
+    return step
+
+
+def bench_training(args: argparse.Namespace, methods: list[str]) -> list[dict[str, Any]]:
+    rows = []
+    for method in methods:
+        cfg, model, _ = build_method(args, method)
+        if use_gradient_checkpointing(cfg):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        batch = fixed_batch(args.batch, args.seq_len, model.config.vocab_size)
+        step = step_fn(model, batch, cfg.trainer.lr)
+        for _ in range(args.warmup):  # allocator and optimiser state warm-up
+            step()
+        times = []
+        with PeakRSS() as mem:
+            for _ in range(args.steps):
+                start = time.perf_counter()
+                step()
+                times.append(time.perf_counter() - start)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        rows.append({"method": method, "step_s": statistics.median(times), "peak_extra_mib": mem.mib,
+                     "peak_rss_gib": mem.peak_gib, "trainable": trainable})  # fmt: skip
+        print(f"  {method:<11} step {rows[-1]['step_s']:.3f}s  peak +{mem.mib:.0f} MiB "
+              f"(RSS {mem.peak_gib:.2f} GiB)  trainable {trainable}", flush=True)  # fmt: skip
+        del model, step
+    return rows
+
+
+@torch.no_grad()
+def linear_floor_s(model: torch.nn.Module, reps: int) -> float:
+    """Seconds per token of every nn.Linear in `model` at batch 1 (the decoding floor of its weights)."""
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    inputs = [torch.randn(1, 1, m.in_features, dtype=m.weight.dtype) for m in linears]
+    for m, x in zip(linears, inputs, strict=True):  # warm-up
+        torch.nn.functional.linear(x, m.weight, m.bias)
+    start = time.perf_counter()
+    for _ in range(reps):
+        for m, x in zip(linears, inputs, strict=True):
+            torch.nn.functional.linear(x, m.weight, m.bias)
+    return (time.perf_counter() - start) / reps
+
+
+def bench_decoding(args: argparse.Namespace) -> dict[str, Any]:
+    """Greedy batch-1 decoding of `decode_tokens` tokens (no early stop) vs the linear-layer floor."""
+    cfg, model, task = build_method(args, "lora")
+    model.eval()
+    prompt = metamath_eval_prompt("Natalia sold clips to 48 of her friends in April, and then she sold half as "
+                                  "many clips in May. How many clips did Natalia sell altogether?")  # fmt: skip
+    tok = task.tokenizer
+    n = args.decode_tokens
+    generate(model, tok, [prompt], batch_size=1, max_new_tokens=4, progress=None)  # warm-up
+    stats = GenerationStats()
+    model.generation_config.min_new_tokens = n  # no early EOS: exactly n tokens
+    generate(model, tok, [prompt], batch_size=1, max_new_tokens=n, stats=stats, progress=None)
+    model.generation_config.min_new_tokens = None
+    with merged_adapters(model):
+        floor = linear_floor_s(model, reps=args.floor_reps)
+    per_token = stats.seconds / max(1, stats.new_tokens)
+    row = {"new_tokens": stats.new_tokens, "decode_ms_per_token": 1e3 * per_token,
+           "tokens_per_s": stats.tokens_per_s, "linear_floor_ms": 1e3 * floor, "ratio_to_floor": per_token / floor}  # fmt: skip
+    print(f"  decoding: {stats.new_tokens} tokens, {row['decode_ms_per_token']:.1f} ms/token "
+          f"({row['tokens_per_s']:.1f} tokens/s); linear floor {row['linear_floor_ms']:.1f} ms/token; "
+          f"ratio {row['ratio_to_floor']:.2f}x", flush=True)  # fmt: skip
+    return row
+
+
+def bench_eval(args: argparse.Namespace) -> dict[str, Any]:
+    """GSM8K through the task's `evaluate` at the configured evaluation batch size."""
+    cfg, model, task = build_method(args, "lora")
+    eval_cfg = compose_config([f"eval.limit={args.eval_limit}", f"eval.max_new_tokens={args.eval_max_new_tokens}",
+                               *([f"eval.batch_size={args.eval_batch}"] if args.eval_batch else [])]).eval  # fmt: skip
+    task.cfg.eval_sets = ["gsm8k"]
+    start = time.perf_counter()
+    metrics = task.evaluate(model, eval_cfg)
+    seconds = time.perf_counter() - start
+    row = {"n": int(metrics["gsm8k/n"]), "batch_size": eval_cfg.batch_size, "seconds": seconds,
+           "samples_per_s": metrics.get("throughput/gsm8k/samples_per_s", metrics["gsm8k/n"] / seconds),
+           "max_new_tokens": eval_cfg.max_new_tokens}  # fmt: skip
+    print(f"  gsm8k: {row['n']} problems at batch {row['batch_size']} (max {row['max_new_tokens']} new tokens) "
+          f"in {seconds:.1f}s: {row['samples_per_s']:.3f} samples/s", flush=True)  # fmt: skip
+    return row
+
+
+def report(args: argparse.Namespace, train: list[dict], decode: dict | None, evals: dict | None) -> str:
+    lines = [f"# bench_train: {args.model}, rank {args.rank}, batch {args.batch} x {args.seq_len}, "
+             f"{torch.get_num_threads()} threads, {platform.machine()}, torch {torch.__version__}", ""]  # fmt: skip
+    if train:
+        base = next((r for r in train if r["method"] == "lora"), train[0])
+        lines += ["| method | step (s) | vs lora | peak extra (MiB) | peak RSS (GiB) | trainable |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [f"| {r['method']} | {r['step_s']:.3f} | {r['step_s'] / base['step_s']:.3f}x | "
+                  f"{r['peak_extra_mib']:.0f} | {r['peak_rss_gib']:.2f} | {r['trainable']} |" for r in train]  # fmt: skip
+        lines.append("")
+    if decode:
+        lines.append(f"Decoding (batch 1, greedy, {decode['new_tokens']} tokens): {decode['decode_ms_per_token']:.1f} "
+                     f"ms/token = {decode['tokens_per_s']:.1f} tokens/s; linear-layer floor "
+                     f"{decode['linear_floor_ms']:.1f} ms/token; ratio {decode['ratio_to_floor']:.2f}x")  # fmt: skip
+    if evals:
+        lines.append(f"GSM8K evaluation: {evals['n']} problems at batch {evals['batch_size']}, max "
+                     f"{evals['max_new_tokens']} new tokens: {evals['samples_per_s']:.3f} samples/s "
+                     f"({evals['seconds']:.1f} s)")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--task", default="metamath")
+    p.add_argument("--methods", nargs="+", default=["all"], help="registered method names, or all")
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--steps", type=int, default=3, help="timed optimiser steps per method (median)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--calib-n", type=int, default=64)
+    p.add_argument("--calib-seq-len", type=int, default=512)
+    p.add_argument("--decode-tokens", type=int, default=64)
+    p.add_argument("--floor-reps", type=int, default=20)
+    p.add_argument("--eval-limit", type=int, default=32)
+    p.add_argument("--eval-batch", type=int, default=0, help="0: the configured eval.batch_size")
+    p.add_argument("--eval-max-new-tokens", type=int, default=256)
+    p.add_argument("--skip", nargs="*", default=[], choices=["train", "decode", "eval"])
+    p.add_argument("--cache-dir", default=tempfile.mkdtemp(prefix="bench-train-"),
+                   help="statistics cache (fresh by default so no method reuses another run's)")  # fmt: skip
+    p.add_argument("--out", default=None, help="also write the Markdown report here")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    methods = registered_methods() if args.methods == ["all"] else args.methods
+    methods = ["lora"] + [m for m in methods if m != "lora"]  # the baseline first
+    print(f"[bench_train] {args.model}: methods {methods}", flush=True)
+    train = [] if "train" in args.skip else bench_training(args, methods)
+    decode = None if "decode" in args.skip else bench_decoding(args)
+    evals = None if "eval" in args.skip else bench_eval(args)
+    text = report(args, train, decode, evals)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()
