@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import json
 import multiprocessing
 import os
@@ -62,26 +63,32 @@ def test_unsigned_paths_come_from_schema_marks(compose):
     assert not {"seed", "trainer.lr", "method.rank", "eval.limit"} & set(unsigned)
 
 
+def other_value(value):
+    """A different valid value of a schema field: negated bool, next int, another enum member."""
+    if isinstance(value, bool):
+        return str(not value).lower()
+    if isinstance(value, enum.Enum):
+        return next(m.value for m in type(value) if m != value)
+    if isinstance(value, int) or value is None:
+        return (value or 0) + 1
+    raise AssertionError(f"no alternative for {value!r}")
+
+
 def test_method_cache_and_stats_switches_are_not_in_the_signature(compose):
     """Owners of the method schemas mark their exact switches; every mark must reach the signature."""
     from astra import config
-    from astra.methods import get_method
+    from astra.methods import get_method, registered_methods
 
     compose(TINY)  # loads the registry
-    marked = 0
-    for name in ("astra", "corda", "lora_ga", "eva"):
-        schema = type(get_method(name)).schema
-        for field in sorted(config.unsigned_fields(schema)):
-            value = getattr(compose([*TINY, f"method={name}"]).method, field)
-            flipped = (not value) if isinstance(value, bool) else None
-            if flipped is None:
-                continue
-            assert sig(compose([*TINY, f"method={name}", f"method.{field}={str(flipped).lower()}"])) == sig(
-                compose([*TINY, f"method={name}"])
-            ), f"{name}.{field}"
-            marked += 1
-    assert "cache" in config.unsigned_fields(type(get_method("astra")).schema)
-    assert marked >= 1
+    checked = []
+    for name in registered_methods():
+        base = compose([*TINY, f"method={name}"])
+        for field in sorted(config.unsigned_fields(type(get_method(name)).schema)):
+            flipped = compose([*TINY, f"method={name}", f"method.{field}={other_value(base.method[field])}"])
+            assert flipped.method[field] != base.method[field]
+            assert sig(flipped) == sig(base), f"{name}.{field}"
+            checked.append(f"{name}.{field}")
+    assert {"astra.cache", "astra.stats_engine"} <= set(checked), checked
 
 
 def test_signature_independent_of_key_order():
