@@ -25,6 +25,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytest_plugins = ["pytester"]  # tests/test_models.py runs the integration gate on inner test files
+
 REPO = Path(__file__).resolve().parent.parent
 ASSETS = REPO / "tests" / "assets"
 TINY_DATA_DIR = ASSETS / "data"

@@ -129,3 +129,56 @@ def test_smollm2_gguf_converted_once_and_generates():
     ids = tok("Question: What is 2+3?\nAnswer:", return_tensors="pt")
     out = model.generate(**ids, max_new_tokens=4, do_sample=False)
     assert "5" in tok.decode(out[0, ids["input_ids"].shape[1] :])
+
+
+# --- the test set-up itself (tests/conftest.py): which data and packages a test may rely on -------------------
+INNER_CONFTEST = "from tests.conftest import *  # noqa: F403 (the hooks and fixtures under test)\n"
+INNER_TESTS = """
+import os
+
+import pytest
+
+from tests.conftest import DATA_DIR
+
+
+def test_unit(tmp_path):
+    assert os.environ["ASTRA_DATA_DIR"] == str(DATA_DIR) and DATA_DIR.name == "data"
+    assert DATA_DIR.parent.name == "assets" and (DATA_DIR / "glue" / "mrpc" / "train.tsv").exists()
+    assert os.environ["ASTRA_CACHE_DIR"].startswith(str(tmp_path))
+
+
+@pytest.mark.integration
+def test_integration():
+    assert os.environ["ASTRA_DATA_DIR"] == str(DATA_DIR) == os.environ["ASTRA_REAL_DATA_DIR"]
+"""
+
+
+@pytest.mark.parametrize(
+    "ci, real_data, outcome",
+    [
+        ("true", False, {"passed": 1, "errors": 1}),  # CI: a missing input fails the integration test
+        ("", False, {"passed": 1, "skipped": 1}),  # locally: skipped, with the reason
+        ("true", True, {"passed": 2}),  # inputs present: unit on tiny data, integration on the real data
+    ],
+)
+def test_integration_gate(pytester, monkeypatch, ci, real_data, outcome):
+    real = pytester.path / ("real-data" if real_data else "missing")
+    if real_data:
+        real.mkdir()
+    monkeypatch.setenv("CI", ci)
+    monkeypatch.setenv("ASTRA_REAL_DATA_DIR", str(real))
+    monkeypatch.setenv("PYTHONPATH", str(REPO_ROOT))
+    pytester.makeconftest(INNER_CONFTEST)
+    pytester.makepyfile(test_inner=INNER_TESTS)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rs")
+    if real_data and missing_packages():
+        outcome = {"passed": 1, "errors": 1}  # this machine lacks the packages: still loud in CI
+    result.assert_outcomes(**outcome)
+    if outcome.get("skipped"):
+        result.stdout.fnmatch_lines(["*integration test needs benchmark data at*"])
+
+
+def missing_packages() -> list[str]:
+    from tests.conftest import EMBEDDED_PACKAGES, installed
+
+    return [p for p in EMBEDDED_PACKAGES if not installed(p)]
