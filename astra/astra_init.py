@@ -44,7 +44,6 @@ class RankAllocation(StrEnum):
 class AstraMethodConfig(MethodConfig):
     """Astra options; defaults = the paper's text (`conf/method/astra.yaml` holds only the diffs)."""
 
-    name: str = "astra"
     select: Select = Select.tail
     centered: bool = True  # C = E[yy^T] - E[y]E[y]^T (paper Eq. 2); release: uncentred
     sample_norm: SampleNorm = SampleNorm.none  # release: each forward's Y / abs(max(Y))
@@ -200,7 +199,7 @@ def warn_rank_deficient(tokens: int, d_out: int) -> None:
 
 @register
 class Astra(InitMethod):
-    """Astra (both presets: `astra`, `astra_code`; one class, two YAMLs)."""
+    """Astra. `astra_code` is a preset: conf/method/astra_code.yaml on this class's schema, no code."""
 
     name = "astra"
     needs = "output_cov"
@@ -254,6 +253,3 @@ class Astra(InitMethod):
         scores = {n: release_effective_rank(r.tensors["values"]) for n, r in reduced.items()}
         caps = {n: min(targets[n].out_features, cfg.max_rank or max(2 * cfg.rank, 256)) for n in scores}
         return allocate_ranks(scores, cfg.rank, cfg.min_rank, caps)
-
-
-register(Astra, name="astra_code")  # the release's preset: conf/method/astra_code.yaml, same schema

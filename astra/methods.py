@@ -18,19 +18,23 @@ where `stats` is the layer's `astra.stats.LayerStats` (or, for a method with `re
 - `build(model, ctx)`: a whole-model procedure, only for a method whose reference implementation must
   stay whole (EVA, documented in `baselines/eva.py`); `build_trainable` times it and nothing else.
 
-Presets (`astra_code`, `dora`) are configs: one class may be registered under several names
-(`register(cls, name=...)`), each name with its own YAML.
+Presets are configs: a `conf/method/<name>.yaml` whose `<name>` is no registered method but whose schema
+is (`astra_code.yaml` fills `/schema/method/astra@_here_`) registers `<name>` as that method's class
+(`register_presets`, run by `load_methods`). `astra_code` and `dora` are such YAMLs and nothing else.
 """
 
 from __future__ import annotations
 
 import importlib
 import pkgutil
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+import yaml
 from torch import nn
 
 from astra.config import MethodConfig, register_schema
@@ -38,6 +42,8 @@ from astra.config import MethodConfig, register_schema
 STAT_KINDS = ("none", "output_cov", "input_cov", "grad")  # = astra.stats.StatKind values
 METHOD_PACKAGES = ("baselines",)  # every module of these packages is imported by `load_methods`
 METHOD_MODULES = ("astra.astra_init",)
+METHOD_CONF_DIR = Path(__file__).resolve().parent.parent / "conf" / "method"
+SCHEMA_ENTRY = re.compile(r"^/schema/method/(\w+)@_here_$")  # a method YAML's schema in its defaults list
 
 
 @dataclass
@@ -137,23 +143,19 @@ class InitMethod:
 _REGISTRY: dict[str, type[InitMethod]] = {}
 
 
-def register(cls: type[InitMethod] | None = None, *, name: str | None = None, schema: type | None = None):
-    """Add a method class to the registry under `name` (default `cls.name`) and its schema to the
-    ConfigStore. Usable as `@register` or `register(Astra, name="astra_code")` (a preset)."""
-
-    def add(cls: type[InitMethod]) -> type[InitMethod]:
-        key = name or cls.name
-        if cls.needs not in STAT_KINDS:
-            raise ValueError(f"{cls.__name__}.needs={cls.needs!r}; valid: {', '.join(STAT_KINDS)}")
-        if not key:
-            raise ValueError(f"{cls.__name__} has no name to register under")
-        if key in _REGISTRY and _REGISTRY[key] is not cls:
-            raise ValueError(f"method {key!r} registered twice ({_REGISTRY[key].__name__}, {cls.__name__})")
-        _REGISTRY[key] = cls
-        register_schema("method", key, schema or cls.schema)
-        return cls
-
-    return add if cls is None else add(cls)
+def register(cls: type[InitMethod]) -> type[InitMethod]:
+    """Class decorator: add a method to the registry under `cls.name` and its schema to the ConfigStore."""
+    if cls.needs not in STAT_KINDS:
+        raise ValueError(f"{cls.__name__}.needs={cls.needs!r}; valid: {', '.join(STAT_KINDS)}")
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no name to register under")
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(
+            f"method {cls.name!r} registered twice ({_REGISTRY[cls.name].__name__}, {cls.__name__})"
+        )
+    _REGISTRY[cls.name] = cls
+    register_schema("method", cls.name, cls.schema)
+    return cls
 
 
 def load_methods() -> list[str]:
@@ -164,7 +166,23 @@ def load_methods() -> list[str]:
             importlib.import_module(f"{package}.{info.name}")
     for module in METHOD_MODULES:
         importlib.import_module(module)
+    register_presets(METHOD_CONF_DIR)
     return sorted(_REGISTRY)
+
+
+def register_presets(conf_dir: Path) -> list[str]:
+    """Register every `<conf_dir>/<name>.yaml` that fills a registered method's schema under a new name
+    as a preset of that method (same class); returns the preset names added."""
+    added = []
+    for path in sorted(Path(conf_dir).glob("*.yaml")):
+        if path.stem in _REGISTRY:
+            continue
+        defaults = (yaml.safe_load(path.read_text()) or {}).get("defaults") or []
+        bases = [m.group(1) for d in defaults if isinstance(d, str) and (m := SCHEMA_ENTRY.match(d))]
+        if bases and bases[0] in _REGISTRY:
+            _REGISTRY[path.stem] = _REGISTRY[bases[0]]
+            added.append(path.stem)
+    return added
 
 
 def get_method(name: str) -> InitMethod:

@@ -4,9 +4,9 @@ LoRA: B = 0 and A random, so `W + s B A = W` at init. `init=kaiming`: A ~ Kaimin
 `nn.Linear` (the authors' loralib and PEFT's default); `init=gaussian`: A ~ N(0, 1/r^2) (PEFT's
 `init_lora_weights="gaussian"`).
 
-DoRA (Liu et al., 2024, arXiv 2402.09353) is the preset `use_dora: true` (`conf/method/dora.yaml`,
-registered as `dora` on this class): PEFT splits the weight into magnitude and direction,
-`W' = m * (W + s B A) / ||W + s B A||_c` (column norm over the input axis, one entry per output feature),
+DoRA (Liu et al., 2024, arXiv 2402.09353) is a preset: `conf/method/dora.yaml` fills this schema with
+`use_dora: true` (no code; `astra.methods.register_presets`). PEFT splits the weight into magnitude and
+direction, `W' = m * (W + s B A) / ||W + s B A||_c` (column norm over the input axis, one entry per output feature),
 with `m = ||W||_c` and B = 0 at init, so the function is preserved. DoRA trains `d_out` magnitude entries
 per adapted layer on top of LoRA's `r * (d_in + d_out)`.
 """
@@ -47,6 +47,3 @@ class LoRA(InitMethod):
         if cfg.use_dora:
             kwargs["use_dora"] = True
         return kwargs
-
-
-register(LoRA, name="dora")  # preset: conf/method/dora.yaml sets use_dora: true

@@ -270,7 +270,23 @@ def test_reduced_summary_is_what_init_takes(compose) -> None:
         assert w.shape[0] == reduced.tensors["vectors"].shape[0]
 
 
-def test_presets_are_configs_not_subclasses() -> None:
+def test_presets_are_configs_not_subclasses(compose, tmp_path) -> None:
     assert type(get_method("astra_code")) is type(get_method("astra"))
     assert type(get_method("dora")) is type(get_method("lora"))
     assert get_method("astra_code").name == "astra_code"
+    code = sources()
+    assert '"astra_code"' not in code["astra/astra_init.py"] and '"dora"' not in code["baselines/lora.py"]
+    (tmp_path / "method").mkdir()
+    (tmp_path / "method" / "pissa_fast.yaml").write_text(
+        "# a preset in one file (test)\ndefaults:\n  - /schema/method/pissa@_here_\n  - _self_\n\n"
+        "name: pissa_fast\nniter: 4  # assumed (test)\n"
+    )
+    try:
+        assert methods.register_presets(tmp_path / "method") == ["pissa_fast"]
+        assert type(get_method("pissa_fast")) is type(get_method("pissa"))
+        base, cfg = llama(compose, "pissa_fast", f"hydra.searchpath=[file://{tmp_path}]")
+        assert cfg.method.niter == 4 and cfg.method.name == "pissa_fast"
+        model, report = build_trainable(copy.deepcopy(base), get_method("pissa_fast"), context(cfg, []))
+        assert len(report.layers) == 14
+    finally:
+        methods._REGISTRY.pop("pissa_fast", None)
