@@ -152,9 +152,11 @@ def loglik_accuracy(
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
+    from astra.evaluate.generation import merged_adapters
+
     folder = write_lm_eval_tasks(files, cache_dir)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # LoRA layers live inside
-    with _right_padding(tokenizer):
+    with _right_padding(tokenizer), merged_adapters(model):  # same function, fewer ops per layer
         lm = HFLM(pretrained=base, tokenizer=tokenizer, batch_size=batch_size, device=str(base.device))
         out = simple_evaluate(
             model=lm,
