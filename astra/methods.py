@@ -70,7 +70,7 @@ class LayerSpec:
 class Reduced:
     """A method's rank-independent summary of one layer's statistics (what the content cache holds)."""
 
-    tensors: dict[str, torch.Tensor]  # e.g. Astra: values (d,), vectors (d, d)
+    tensors: dict[str, torch.Tensor]  # e.g. Astra: values (d,), vectors (d, d) or its range (d, k)
     meta: dict[str, Any] = field(default_factory=dict)  # JSON-able (tokens, spectrum summary, ...)
 
 
@@ -95,7 +95,9 @@ class BuildReport:
 
 
 class InitMethod:
-    """The contract (see the module docstring). Subclasses set `name` via `register` and override `init`."""
+    """The contract (see the module docstring). A method subclasses it, sets `name` and the class
+    attributes it changes, overrides `init` (and the optional hooks), and is decorated with `register`.
+    `get_method(key)` sets the instance's `name` to its registry key (a preset's own name)."""
 
     name: ClassVar[str] = ""
     needs: ClassVar[str] = "none"  # one of STAT_KINDS
