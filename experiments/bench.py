@@ -25,8 +25,9 @@ import psutil
 import torch
 from peft import LoraConfig
 
-from astra.astra_init import eigendecompose, target_linears
+from astra.build import build_trainable, target_linears
 from astra.data import build_task
+from astra.eigen import decompose as eigendecompose
 from astra.methods import get_method
 from astra.models import load_model
 from astra.pipeline import build_context, compose_config
@@ -120,8 +121,8 @@ def bench_model(model_name: str, n: int, seq_len: int) -> list[tuple[str, str, s
     lora_ctx = dataclasses.replace(
         ctx, cfg=compose_config([f"model={model_name}", "method=lora", "logger=none"])
     )
-    t_lora, _, _ = timed(lambda: get_method("lora").build(copy.deepcopy(model), lora_ctx))
-    t_astra, _, _ = timed(lambda: get_method("astra").build(copy.deepcopy(model), ctx))
+    t_lora, _, _ = timed(lambda: build_trainable(copy.deepcopy(model), get_method("lora"), lora_ctx))
+    t_astra, _, _ = timed(lambda: build_trainable(copy.deepcopy(model), get_method("astra"), ctx))
     rows.append(
         ("init: Astra build / LoRA build", f"{t_astra:.2f} s", f"{t_lora:.2f} s", f"{t_astra / t_lora:.0f}x")
     )
