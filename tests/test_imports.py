@@ -213,3 +213,18 @@ def test_methods_do_not_import_back_into_baselines_or_experiments():
         )
     )
     assert not bad, "\n".join(bad)
+
+
+ENTRY_POINTS = {"astra.pipeline", CLI, "astra.sweeps", "astra.export"}  # the top: compose and run
+BOTTOM = {"astra.models": {"astra.config", "astra.common"}}  # models import only the schema and helpers
+
+
+def test_the_pipeline_sits_above_methods_statistics_tasks_and_models():
+    """config -> pipeline -> methods / statistics / tasks -> models: nothing below reaches back up."""
+    bad = violations(
+        lambda importer, target: (
+            under(importer, "astra", "baselines") and importer not in ENTRY_POINTS and target in ENTRY_POINTS
+        )
+    )
+    bad += violations(lambda importer, target: importer in BOTTOM and target not in BOTTOM[importer])
+    assert not bad, "\n".join(bad)
