@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
@@ -52,13 +51,34 @@ SELECTS = tuple(Select)
 _warned_null_space = False
 
 
-@dataclass
 class Eigens:
-    """All eigenpairs of one layer's statistic: values (d,) ascending, vectors (d, d) as columns."""
+    """All eigenpairs of one layer's statistic: values (d,) ascending, vectors (d, d) as columns, info.
 
-    values: torch.Tensor
-    vectors: torch.Tensor
-    info: dict[str, Any] = field(default_factory=dict)
+    `range_vectors` (d, k): when the statistic has a null space found structurally (the range solver),
+    the eigenvectors of its k non-zero eigenvalues = the last k columns of `vectors`; the (d, d - k)
+    null-space block (complete QR of `range_vectors`) is then only formed when `vectors` is first read,
+    so a head selection, or a cache that stores the range only, never pays for it.
+    """
+
+    def __init__(
+        self,
+        values: torch.Tensor,
+        vectors: torch.Tensor | None = None,
+        info: dict[str, Any] | None = None,
+        range_vectors: torch.Tensor | None = None,
+    ):
+        if vectors is None and range_vectors is None:
+            raise ValueError("Eigens needs vectors or range_vectors")
+        self.values, self._vectors, self.info = values, vectors, info if info is not None else {}
+        self.range_vectors = range_vectors
+
+    @property
+    def vectors(self) -> torch.Tensor:
+        if self._vectors is None:
+            k = self.range_vectors.shape[1]
+            complete, _ = torch.linalg.qr(self.range_vectors, mode="complete")  # (d, d)
+            self._vectors = torch.cat([complete[:, k:], self.range_vectors], dim=1)
+        return self._vectors
 
 
 def _matrix(stats: Any) -> torch.Tensor:
@@ -74,8 +94,10 @@ def decompose(stats: Any, eig_dtype: str = "fp32") -> Eigens:
     moment = getattr(stats, "input_moment", None)
     w_aug = getattr(stats, "weight_aug", None)
     d = matrix.shape[0]
+    range_vectors = vectors = None
     if moment is not None and w_aug is not None and d > moment.shape[0]:
-        values, vectors, rank = range_eigens(w_aug, moment, dtype)
+        values, range_vectors = range_eigens(w_aug, moment, dtype)
+        rank = range_vectors.shape[1]
         info = {"solver": "range", "range_dim": moment.shape[0], "null_dim": d - rank}
     else:
         values, vectors = torch.linalg.eigh(matrix.to(dtype))
@@ -86,35 +108,30 @@ def decompose(stats: Any, eig_dtype: str = "fp32") -> Eigens:
     info["tail_is_null_space"] = info["null_dim"] > 0
     if info["null_dim"]:
         _warn_null_space(getattr(stats, "name", "?"), d, info["null_dim"])
-    return Eigens(values, vectors, info)
+    return Eigens(values, vectors, info, range_vectors)
 
 
 def range_eigens(
     w_aug: torch.Tensor, moment: torch.Tensor, dtype: torch.dtype = torch.float32
-) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(values (d_out,) ascending, vectors (d_out, d_out), numerical rank k) of C = w_aug P w_aug^T.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values (d_out,) ascending, range eigenvectors (d_out, k)) of C = w_aug P w_aug^T.
 
     w_aug (d_out, m), P (m, m) PSD, m < d_out. The m-sized eigenproblems run in fp64 (cheap: m^3):
     P = L L^T, G = F^T F = L^T W^T W L = Q diag(S^2) Q^T with F = w_aug L, so C's range eigenpairs are
-    (S^2, F Q / S) for the S above round-off; the rest of R^d_out (values exactly 0) is the complement
-    from a complete QR in `dtype`, whose first k columns also replace F Q / S (exactly orthonormal).
+    (S^2, F Q / S) for S^2 above 1e-10 S^2_max (smaller ones are 0 to the accuracy of any fp32 input;
+    their directions join the null space); the first d_out - k values are exactly 0. F Q / S is made
+    exactly orthonormal by one Cholesky-QR step (it is orthonormal to ~1e-6 already, so R ~ I).
     """
     P, W = moment.double(), w_aug.double()
     lam, Qp = torch.linalg.eigh((P + P.T) / 2)
-    L = Qp * lam.clamp(min=0).sqrt()  # (m, m), P = L L^T
-    F = W @ L  # (d_out, m)
+    F = W @ (Qp * lam.clamp(min=0).sqrt())  # (d_out, m), C = F F^T
     s2, Q = torch.linalg.eigh(F.T @ F)  # ascending
-    s2 = s2.clamp(min=0)
-    tol = float(s2.max()) * max(W.shape) * torch.finfo(torch.float64).eps * 10
-    keep = s2 > tol  # ascending: the kept ones are the last k
-    k = int(keep.sum())
-    U = (F @ Q[:, keep]) / s2[keep].sqrt()  # (d_out, k), ascending eigenvalues
-    complete, R = torch.linalg.qr(U.to(dtype), mode="complete")  # (d_out, d_out)
-    signs = torch.sign(torch.diagonal(R))
-    signs[signs == 0] = 1
-    values = torch.cat([torch.zeros(W.shape[0] - k, dtype=torch.float64), s2[keep]])
-    vectors = torch.cat([complete[:, k:], complete[:, :k] * signs], dim=1)
-    return values.to(dtype), vectors, k
+    keep = s2 > 1e-10 * float(s2.max())  # ascending: the kept ones are the last k
+    U = (F @ Q[:, keep]) / s2[keep].sqrt()  # (d_out, k)
+    R = torch.linalg.cholesky(U.T @ U, upper=True)
+    U = torch.linalg.solve_triangular(R, U, upper=True, left=False)  # U R^-1: orthonormal columns
+    values = torch.cat([torch.zeros(W.shape[0] - U.shape[1], dtype=torch.float64), s2[keep]])
+    return values.to(dtype), U.to(dtype)
 
 
 def resolution(values: torch.Tensor, accum: torch.dtype, tokens: int) -> float:
@@ -178,6 +195,15 @@ def candidate_columns(vectors: torch.Tensor, k: int, select: str, seed: int = 0)
     if select == "random":
         return random_orthonormal(d, k, seed, vectors.dtype).to(vectors.device)
     raise ValueError(f"select={select!r}; valid: {', '.join(SELECTS)}")
+
+
+def select_columns(eigens: Eigens, k: int, select: str, seed: int = 0) -> torch.Tensor:
+    """`candidate_columns` of an `Eigens`, without forming its null-space block when a head selection
+    lies in the range (the last k columns of `vectors` are the last k of `range_vectors`)."""
+    rv = eigens.range_vectors
+    if rv is not None and eigens._vectors is None and select == "head" and 1 <= k <= rv.shape[1]:
+        return rv[:, rv.shape[1] - k :]
+    return candidate_columns(eigens.vectors, k, select, seed)
 
 
 def spectrum_summary(values: torch.Tensor) -> dict[str, Any]:

@@ -42,7 +42,7 @@ import psutil
 import torch
 from torch import nn
 
-from astra.eigen import candidate_columns, decompose, principal_angle_deg
+from astra.eigen import decompose, principal_angle_deg, select_columns
 from astra.stats import StatOptions, collect_statistics
 
 PRESETS = {
@@ -170,7 +170,7 @@ def astra_init(model: nn.Module, targets: dict, batches: list, preset: str, rank
     columns, scaling = {}, 2.0
     for name, stats in collect_statistics(model, targets, "output_cov", batches, options):
         eig = decompose(stats, "fp32")
-        V = candidate_columns(eig.vectors, rank, select).contiguous()
+        V = select_columns(eig, rank, select).contiguous()
         W = targets[name].weight
         A = V.T @ W
         _ = W - scaling * (V @ A)  # the residual the init writes

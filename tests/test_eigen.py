@@ -11,7 +11,14 @@ import torch
 from torch import nn
 
 import astra.eigen as eigen
-from astra.eigen import boundary, candidate_columns, decompose, principal_angle_deg, random_orthonormal
+from astra.eigen import (
+    boundary,
+    candidate_columns,
+    decompose,
+    principal_angle_deg,
+    random_orthonormal,
+    select_columns,
+)
 from astra.stats import LayerStats, StatOptions, collect_statistics
 from tests.test_stats import Single, make_batches, tiny_llama, token_batches
 
@@ -48,6 +55,9 @@ def test_range_solver_equals_eigh_of_direct_fp64(bias, centered, sample_norm):
     assert ours.info["null_dim"] >= null and ours.info["tail_is_null_space"]
     for r in (1, 2, rank):  # head projectors (range eigenvectors; gaps are generic)
         assert torch.allclose(projector(ours.vectors[:, -r:]), projector(ref_vectors[:, -r:]), atol=1e-8), r
+    lazy = decompose(shared, "fp64")  # head columns without the null-space block, equal to the full one's
+    assert torch.equal(select_columns(lazy, 2, "head"), ours.vectors[:, -2:]) and lazy._vectors is None
+    assert torch.equal(select_columns(lazy, 3, "tail"), ours.vectors[:, :3])
     # the null space as a whole (its basis is arbitrary in both)
     assert torch.allclose(projector(ours.vectors[:, :null]), projector(ref_vectors[:, :null]), atol=1e-8)
     # tail there: A = V^T W = 0 (and V^T b = 0)
