@@ -10,7 +10,15 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from astra.evaluate.generation import GenerationStats, cut_at_stop, generate, lora_layers, merged_adapters
+from astra.evaluate.generation import (
+    GenerationStats,
+    cut_at_stop,
+    generate,
+    greedy_tokens,
+    lean_greedy_applies,
+    lora_layers,
+    merged_adapters,
+)
 from astra.models import load_model, model_config
 
 CACHE = os.environ.get("ASTRA_CACHE_DIR", str(Path.home() / ".cache" / "astra"))
@@ -51,12 +59,13 @@ def reference_generate(model, tokenizer, prompts, max_new_tokens, stop=()):  # n
     return out
 
 
+@pytest.mark.parametrize("lean", [True, False])
 @pytest.mark.parametrize("batch_size", [1, 2, 5])
-def test_outputs_equal_the_unoptimised_path(tiny, batch_size: int):  # noqa: ANN001
+def test_outputs_equal_the_unoptimised_path(tiny, batch_size: int, lean: bool):  # noqa: ANN001
     model, tok = tiny
     expected = reference_generate(model, tok, PROMPTS, max_new_tokens=12)
     stats = GenerationStats()
-    got = generate(model, tok, PROMPTS, batch_size=batch_size, max_new_tokens=12, stats=stats)
+    got = generate(model, tok, PROMPTS, batch_size=batch_size, max_new_tokens=12, stats=stats, lean=lean)
     assert got == expected
     assert stats.n_sequences == len(PROMPTS) and stats.new_tokens > 0 and stats.seconds > 0
 
@@ -69,6 +78,32 @@ def test_stop_strings_cut_at_the_same_place(tiny):  # noqa: ANN001
     assert stop
     expected = [[cut_at_stop(c[0], stop)] for c in full]
     assert generate(model, tok, PROMPTS, batch_size=2, max_new_tokens=20, stop=stop) == expected
+
+
+def test_lean_loop_is_taken_and_equals_generate_token_for_token(tiny, monkeypatch):  # noqa: ANN001
+    """Left-padded batch, rows ending at different steps (EOS forced by a low id): same tokens as generate."""
+    model, tok = tiny
+    assert lean_greedy_applies(model)
+    batch = tok.pad({"input_ids": tok(PROMPTS)["input_ids"]}, return_tensors="pt", padding_side="left")
+    eos = int(greedy_tokens(model, batch["input_ids"], batch["attention_mask"], 6, None, 0)[1, 3])  # occurs
+    ref = model.generate(
+        **batch, max_new_tokens=10, do_sample=False, top_k=None, pad_token_id=0, eos_token_id=eos
+    )
+    ours = greedy_tokens(model, batch["input_ids"], batch["attention_mask"], 10, eos, 0)
+    assert torch.equal(ours, ref[:, batch["input_ids"].shape[1] :])
+    calls = []
+    monkeypatch.setattr(type(model), "generate", lambda *a, **k: calls.append(1))
+    generate(model, tok, PROMPTS[:2], max_new_tokens=3)
+    assert calls == []
+
+
+def test_models_with_logits_processors_keep_generate(tiny):  # noqa: ANN001
+    model, _ = tiny
+    model.generation_config.repetition_penalty = 1.3
+    try:
+        assert not lean_greedy_applies(model)
+    finally:
+        model.generation_config.repetition_penalty = 1.0
 
 
 def test_merging_changes_the_computation_but_not_the_function(tiny):  # noqa: ANN001

@@ -12,7 +12,7 @@ afterwards), which removes two extra matmuls and PEFT's per-layer Python work fr
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -90,6 +90,88 @@ def merged_adapters(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
             getattr(layer, "_caches", {}).clear()  # DoRA keeps the merged weight norm here for unmerge
 
 
+# generation_config fields that add a logits processor or a stopping rule under greedy decoding; the lean
+# loop below implements none of them, so a model that sets any keeps `model.generate`.
+GREEDY_PROCESSOR_FIELDS = {
+    "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0, "bad_words_ids": None, "min_length": 0, "min_new_tokens": None,
+    "forced_bos_token_id": None, "forced_eos_token_id": None, "suppress_tokens": None,
+    "begin_suppress_tokens": None, "sequence_bias": None, "exponential_decay_length_penalty": None,
+    "max_time": None, "renormalize_logits": False, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
+}  # fmt: skip
+
+
+def lean_greedy_applies(model: torch.nn.Module) -> bool:
+    """The lean greedy loop reproduces `model.generate` here: a plain-head decoder without logits processors."""
+    from astra.trainer import PLAIN_HEAD_MODEL_TYPES, unwrap_peft
+
+    base = unwrap_peft(model)
+    if getattr(getattr(base, "config", None), "model_type", None) not in PLAIN_HEAD_MODEL_TYPES:
+        return False
+    gc = getattr(base, "generation_config", None)
+    return gc is None or all(getattr(gc, k, d) in (d, None) for k, d in GREEDY_PROCESSOR_FIELDS.items())
+
+
+@torch.no_grad()
+def greedy_tokens(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    max_new_tokens: int,
+    eos_token_id: int | None,
+    pad_token_id: int,
+    stopped: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """(batch, new) greedy tokens after left-padded prompts (batch, prompt_len); pad after a row ends.
+
+    What `model.generate(do_sample=False)` computes, without its per-step machinery (logits processors,
+    stopping-criteria objects, input preparation): one prefill that applies the LM head to the last
+    position only, then one single-token forward per step on a KV cache, with the position ids and
+    attention mask `generate` uses (positions count the prompt's real tokens). A row ends at EOS, or
+    when `stopped(tokens so far) -> (batch,) bool` says so (stop strings); the loop ends when all have.
+    """
+    from transformers import DynamicCache
+
+    from astra.trainer import unwrap_peft
+
+    base = unwrap_peft(model)  # adapters live inside; skips PEFT's wrapper forward
+    cache = DynamicCache(config=base.config)
+    mask = attention_mask
+    positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    out = base(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+               logits_to_keep=1)  # fmt: skip
+    finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    tokens: list[torch.Tensor] = []
+    for step in range(max_new_tokens):
+        token = out.logits[:, -1].float().argmax(-1)  # (batch,)
+        token = token.masked_fill(finished, pad_token_id)
+        tokens.append(token)
+        if eos_token_id is not None:
+            finished |= token == eos_token_id
+        if stopped is not None:
+            finished |= stopped(torch.stack(tokens, 1))
+        if bool(finished.all()) or step == max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        positions = positions[:, -1:] + 1
+        out = base(input_ids=token[:, None], attention_mask=mask, position_ids=positions, cache=cache,
+                   use_cache=True)  # fmt: skip
+    return torch.stack(tokens, 1) if tokens else input_ids.new_zeros(input_ids.shape[0], 0)
+
+
+def stop_string_check(tokenizer: PreTrainedTokenizerBase, stop: Sequence[str]) -> Callable:
+    """`stopped(tokens (batch, new)) -> (batch,) bool`: the decoded text of the row contains a stop string.
+
+    The text is cut at the first stop string afterwards, so ending a row there changes nothing.
+    """
+
+    def stopped(tokens: torch.Tensor) -> torch.Tensor:
+        texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
+        return torch.tensor([any(s in t for s in stop) for t in texts], device=tokens.device)
+
+    return stopped
+
+
 def token_length_order(lengths: Sequence[int]) -> list[int]:
     """Indices sorted by token length, longest first (stable), so a batch's rows pad little."""
     return sorted(range(len(lengths)), key=lambda i: -lengths[i])
@@ -109,14 +191,16 @@ def generate(
     stats: GenerationStats | None = None,
     merge: bool = True,
     progress: str | None = "generate",
+    lean: bool = True,
 ) -> list[list[str]]:
     """`num_samples` continuations of every prompt, `[prompt][sample]`, without the prompt text.
 
     Greedy when `num_samples == 1`; otherwise nucleus sampling with `temperature` and `top_p`
     (the usual pass@k setting). Token ids: the prompt batch is (batch, prompt_len) left-padded, the
     output (batch * num_samples, prompt_len + new) of which the last `new` columns are generated.
-    `merge`: fold LoRA adapters into the weights for the call (see `merged_adapters`); `progress`:
-    the progress bar's label, None for no bar.
+    `merge`: fold LoRA adapters into the weights for the call (see `merged_adapters`); `lean`: greedy
+    decoding by `greedy_tokens` where it reproduces `model.generate` (else `model.generate`);
+    `progress`: the progress bar's label, None for no bar.
     """
     stats = stats or GenerationStats()
     device = model_device(model)
@@ -128,6 +212,8 @@ def generate(
                   top_p=top_p if sampling else None, top_k=None)  # fmt: skip
     if stop:  # finished rows stop early; the text is cut again below (a stop string may span tokens)
         kwargs.update(stop_strings=list(stop), tokenizer=tokenizer)
+    lean = lean and not sampling and lean_greedy_applies(model)
+    stopped = stop_string_check(tokenizer, stop) if stop else None
     start, made = time.perf_counter(), 0
     bar = tqdm(total=len(prompts), desc=progress, unit="sample", disable=progress is None, leave=False)
     with left_padding(tokenizer), eval_mode(model), merged_adapters(model) if merge else _nothing(model):
@@ -135,15 +221,19 @@ def generate(
             idx = order[b : b + batch_size]
             batch = tokenizer.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt")
             batch = {k: v.to(device) for k, v in batch.items()}
-            out = model.generate(
-                **batch,
-                max_new_tokens=max_new_tokens,
-                num_return_sequences=num_samples,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                **kwargs,
-            )
-            new = out[:, batch["input_ids"].shape[1] :]  # (batch * num_samples, new)
+            if lean:
+                new = greedy_tokens(model, batch["input_ids"], batch["attention_mask"], max_new_tokens,
+                                    tokenizer.eos_token_id, tokenizer.pad_token_id, stopped)  # fmt: skip
+            else:
+                out = model.generate(
+                    **batch,
+                    max_new_tokens=max_new_tokens,
+                    num_return_sequences=num_samples,
+                    pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=tokenizer.eos_token_id,
+                    **kwargs,
+                )
+                new = out[:, batch["input_ids"].shape[1] :]  # (batch * num_samples, new)
             made += int((new != tokenizer.pad_token_id).sum())
             texts = tokenizer.batch_decode(new, skip_special_tokens=True)
             for j, i in enumerate(idx):
