@@ -147,6 +147,39 @@ def test_needs_is_honoured(compose, monkeypatch, name: str) -> None:
             assert torch.isfinite(stats.matrix).all() and stats.tokens > 0
 
 
+@pytest.mark.parametrize("name,overrides", [("corda", []), ("astra", ["method.cache=false"]),
+                                            ("astra", ["method.cache=false", "method.rank_allocation=effective_rank"])])  # fmt: skip
+def test_inits_are_written_as_statistics_arrive(
+    compose, monkeypatch, name: str, overrides: list[str]
+) -> None:
+    """Streaming: each layer's init is written before the next layer's statistics are produced (one
+    block's statistics alive), except with rank allocation, which needs every spectrum first."""
+    import astra.build
+
+    events, method = [], get_method(name)
+    collect, init = astra.build.collect, type(method).init
+
+    def logged_collect(*args, **kwargs):
+        for layer, stats in collect(*args, **kwargs):
+            events.append(("stats", layer))
+            yield layer, stats
+
+    def logged_init(self, weight, stats, spec):
+        events.append(("init", spec.name))
+        return init(self, weight, stats, spec)
+
+    monkeypatch.setattr(astra.build, "collect", logged_collect)
+    monkeypatch.setattr(type(method), "init", logged_init)
+    base, cfg = llama(compose, name, *overrides)
+    build_trainable(copy.deepcopy(base), method, context(cfg, calib("CAUSAL_LM")))
+    layers = [layer for kind, layer in events if kind == "stats"]
+    assert len(layers) == 14 and [layer for kind, layer in events if kind == "init"] == layers
+    if "method.rank_allocation=effective_rank" in overrides:
+        assert events == [("stats", n) for n in layers] + [("init", n) for n in layers]
+    else:
+        assert events == [event for n in layers for event in (("stats", n), ("init", n))]
+
+
 # --- function preserved at init -------------------------------------------------------------------------
 
 
