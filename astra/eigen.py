@@ -90,21 +90,21 @@ def decompose(stats: Any, eig_dtype: str = "fp32") -> Eigens:
     if eig_dtype not in EIG_DTYPES:
         raise ValueError(f"eig_dtype={eig_dtype!r}; valid: {', '.join(EIG_DTYPES)}")
     dtype = EIG_DTYPES[eig_dtype]
-    matrix = _matrix(stats)
     moment = getattr(stats, "input_moment", None)
     w_aug = getattr(stats, "weight_aug", None)
-    d = matrix.shape[0]
+    d = w_aug.shape[0] if w_aug is not None else _matrix(stats).shape[0]
+    accum = moment.dtype if moment is not None else _matrix(stats).dtype
     range_vectors = vectors = None
-    if moment is not None and w_aug is not None and d > moment.shape[0]:
+    if moment is not None and w_aug is not None and d > moment.shape[0]:  # never forms the d_out^2 matrix
         values, range_vectors = range_eigens(w_aug, moment, dtype)
         rank = range_vectors.shape[1]
         info = {"solver": "range", "range_dim": moment.shape[0], "null_dim": d - rank}
     else:
-        values, vectors = torch.linalg.eigh(matrix.to(dtype))
+        values, vectors = torch.linalg.eigh(_matrix(stats).to(dtype))
         info = {"solver": "eigh", "null_dim": 0}
     tokens = getattr(stats, "tokens", 0)
     info.update(spectrum_summary(values))
-    info["resolution"] = resolution(values, matrix.dtype, tokens)
+    info["resolution"] = resolution(values, accum, tokens)
     info["tail_is_null_space"] = info["null_dim"] > 0
     if info["null_dim"]:
         _warn_null_space(getattr(stats, "name", "?"), d, info["null_dim"])

@@ -51,7 +51,7 @@ from __future__ import annotations
 import inspect
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 from typing import Any
@@ -158,25 +158,52 @@ class NonFiniteStatisticsError(FloatingPointError):
 NonFiniteActivationError = NonFiniteStatisticsError  # former name
 
 
-@dataclass
 class LayerStats:
     """What a method's init/reduce receives for one layer.
 
-    matrix: output_cov (d_out, d_out) | input_cov (d_in, d_in) | grad (d_out, d_in), finished.
+    matrix: output_cov (d_out, d_out) | input_cov (d_in, d_in) | grad (d_out, d_in), finished. On the
+        shared-input route it is formed (W_aug P W_aug^T, d_out^2 d_in) on first read only: a consumer
+        that decomposes through `input_moment` (astra.eigen's range solver) never pays for it.
     input_moment: output_cov formed from the shared input moment only: P ((d_in+1), (d_in+1)), the
         finished (centred, normalised) moment of x_aug = [x; 1], with matrix = weight_aug P weight_aug^T.
     weight_aug: [W | b] (d_out, d_in+1) in the accumulation dtype (b = 0 without a bias), with input_moment.
     Input covariances of layers that share an input are the same tensor object (do not modify in place).
     """
 
-    name: str
-    kind: str
-    matrix: torch.Tensor | None
-    tokens: int
-    samples: int
-    input_moment: torch.Tensor | None = None
-    weight_aug: torch.Tensor | None = None
-    route: str = "direct"  # direct | shared_input (how output_cov was accumulated)
+    def __init__(
+        self,
+        name: str,
+        kind: str,
+        matrix: torch.Tensor | Callable[[], torch.Tensor] | None,
+        tokens: int,
+        samples: int,
+        input_moment: torch.Tensor | None = None,
+        weight_aug: torch.Tensor | None = None,
+        route: str = "direct",
+    ):
+        self.name, self.kind, self.tokens, self.samples = name, kind, tokens, samples
+        self._matrix = matrix  # a tensor, None, or a zero-argument function forming it on first read
+        self.input_moment, self.weight_aug, self.route = input_moment, weight_aug, route
+
+    @property
+    def matrix(self) -> torch.Tensor | None:
+        if callable(self._matrix):
+            self._matrix = self._matrix()
+        return self._matrix
+
+    @matrix.setter
+    def matrix(self, value: torch.Tensor | None) -> None:
+        self._matrix = value
+
+    @property
+    def dim(self) -> int:
+        """Rows of the statistic (d_out for output_cov and grad, d_in for input_cov), without forming it."""
+        return self.weight_aug.shape[0] if callable(self._matrix) else self.matrix.shape[0]
+
+    def __repr__(self) -> str:
+        return (
+            f"LayerStats(name={self.name!r}, kind={self.kind!r}, route={self.route!r}, tokens={self.tokens})"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -442,10 +469,15 @@ class Collector:
         if isinstance(acc, SharedInputAccumulator):
             P = acc.finished_moment(name)
             W = weight_aug(self.targets[name], P.dtype).to(P.device)
-            C = W @ P @ W.T
-            C = (C + C.T) / 2  # exactly symmetric, as the direct sum is
-            check_finite(name, C, acc.samples)
-            return LayerStats(name, self.kind, C, acc.tokens, acc.samples, P, W, "shared_input")
+            check_finite(name, P, acc.samples)
+
+            def output_cov() -> torch.Tensor:
+                C = W @ P @ W.T
+                C = (C + C.T) / 2  # exactly symmetric, as the direct sum is
+                check_finite(name, C, acc.samples)
+                return C
+
+            return LayerStats(name, self.kind, output_cov, acc.tokens, acc.samples, P, W, "shared_input")
         if isinstance(acc, CovarianceAccumulator):  # input_cov: one matrix for the whole group
             if getattr(acc, "finished", None) is None:
                 acc.finished = acc.covariance()

@@ -23,6 +23,10 @@ from astra.stats import LayerStats, StatOptions, collect_statistics
 from tests.test_stats import Single, make_batches, tiny_llama, token_batches
 
 
+def close_matrix(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.allclose(a, b, rtol=1e-11, atol=1e-11 * float(b.abs().max()))
+
+
 def projector(v: torch.Tensor) -> torch.Tensor:
     return v.double() @ v.double().T
 
@@ -45,6 +49,8 @@ def test_range_solver_equals_eigh_of_direct_fp64(bias, centered, sample_norm):
     assert shared.route == "shared_input" and shared.input_moment is not None
     ours = decompose(shared, "fp64")
     assert ours.info["solver"] == "range"
+    assert callable(shared._matrix)  # the d_out^2 matrix was never formed
+    assert close_matrix(shared.matrix, direct.matrix)  # ... and equals the direct one when read
     ref_values, ref_vectors = torch.linalg.eigh(direct.matrix)
     lam_max = float(ref_values[-1])
     assert torch.allclose(ours.values, ref_values, atol=1e-10 * lam_max)
