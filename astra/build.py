@@ -16,8 +16,9 @@ For every registered method (contract in `astra.methods`):
 Memory: without rank allocation, the wrap happens before the statistics stream starts and each layer's
 init is written as its statistics arrive, so at most one block's statistics are alive (the engine may
 run block k+1 after block k's function-preserving inits are in). Rank allocation needs every layer's
-spectrum before the wrap: then the reduced summaries of all layers are held (Astra: eigenvalues and
-eigenvectors, d_out^2 per layer), and the statistics are still freed layer by layer.
+spectrum before the wrap: the summaries then go to the content cache and are read back one layer at a
+time, for the allocation and again for the inits (memory: one layer's summary); with the cache off they
+are all held in memory (Astra: eigenvalues and eigenvectors, up to d_out^2 per layer).
 
 Exceptions: full fine-tuning (`trains_adapters = False`) only unfreezes the model; a method with its
 own `build` (EVA, see `baselines/eva.py` for why) is timed and reported here and nothing else.
@@ -80,14 +81,15 @@ def build_lora(model: nn.Module, method: InitMethod, ctx: BuildContext, report: 
     m = ctx.cfg.method
     config = lora_config(method, ctx)
     targets = target_linears(model, config)
-    per_layer = layer_inputs(model, targets, method, ctx, report)
+    cached: dict[str, Any] = {}
+    per_layer = layer_inputs(model, targets, method, ctx, report, cached)
     if method.allocates(m):
-        summaries = dict(per_layer)  # every layer's spectrum before the wrap (see the module docstring)
+        summaries = every_summary(per_layer, cached)  # all spectra before the wrap (module docstring)
         with timed(report, "allocate"):
             ranks = method.allocate(summaries, targets, m)
         report.extra["rank_allocation"] = ranks
         config.rank_pattern = {re.escape(n): r for n, r in ranks.items()}  # PEFT reads keys as regexes
-        per_layer = ((n, summaries.pop(n)) for n in list(summaries))
+        per_layer = ((n, summaries.pop(n)) for n in targets)
     with timed(report, "wrap"):
         peft_model = get_peft_model(model, config)
     layers = wrapped_layers(peft_model, targets)
@@ -195,16 +197,52 @@ def calibration(
     return batches[:limit] if limit else batches
 
 
+class CachedSummaries:
+    """Every layer's `Reduced`, read from a content-cache entry one layer at a time (`pop` reads too)."""
+
+    def __init__(self, reader: Any):
+        self.reader = reader
+
+    def __getitem__(self, name: str) -> Reduced:
+        tensors, meta = self.reader[name]
+        return Reduced(tensors=tensors, meta=meta)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.reader)
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def items(self) -> Iterator[tuple[str, Reduced]]:
+        return ((name, self[name]) for name in self)
+
+    pop = __getitem__
+
+
+def every_summary(per_layer: Iterator[tuple[str, Any]], cached: dict[str, Any]) -> Any:
+    """Every layer's summary, for a rank allocation: with a content cache, the stream is drained into the
+    cache and read back lazily (memory: one layer's summary); without one, all are held in memory."""
+    held = {name: item for name, item in per_layer if "reader" not in cached}
+    if "reader" not in cached:
+        return held
+    reader = cached["reader"]()
+    if reader is None:
+        raise RuntimeError("the content-cache entry written for the rank allocation cannot be read back")
+    return CachedSummaries(reader)
+
+
 def layer_inputs(
     model: nn.Module,
     targets: dict[str, nn.Linear],
     method: InitMethod,
     ctx: BuildContext,
     report: BuildReport,
+    cached: dict[str, Any] | None = None,
 ) -> Iterator[tuple[str, Any]]:
     """`(name, what method.init takes)` per target in model order: None, LayerStats or a `Reduced`.
 
     Lazy: nothing is collected before the first item is requested (the caller wraps the model first).
+    With a content cache, `cached["reader"]` is set to a function that opens the entry (once written).
     """
     if method.needs == "none":
         yield from ((name, None) for name in targets)
@@ -221,11 +259,13 @@ def layer_inputs(
         yield from timed_stream(stream, report, "statistics")
         return
     cache, material = content_cache(method, ctx, targets, batches, options)
-    cached = cache.reader(material) if cache is not None else None
-    report.extra["cache"] = "off" if cache is None else ("hit" if cached is not None else "miss")
-    if cached is not None:
+    entry = cache.reader(material) if cache is not None else None
+    report.extra["cache"] = "off" if cache is None else ("hit" if entry is not None else "miss")
+    if cache is not None and cached is not None:
+        cached["reader"] = lambda: cache.reader(material)
+    if entry is not None:
         for name in targets:
-            tensors, meta = cached[name]
+            tensors, meta = entry[name]
             yield name, Reduced(tensors=tensors, meta=meta)
         return
     with cache.writer(material) if cache is not None else nullcontext() as writer:

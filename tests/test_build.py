@@ -237,6 +237,33 @@ def test_cached_reduction_equals_a_fresh_one(compose, tmp_path) -> None:
         )
 
 
+def test_rank_allocation_reads_summaries_back_from_the_cache(compose, tmp_path, monkeypatch) -> None:
+    """With a cache, the allocation sees lazily read summaries (not all held) and gives the same model."""
+    import astra.build
+
+    kinds, allocate = [], type(get_method("astra")).allocate
+
+    def spy(self, reduced, targets, cfg):
+        kinds.append(type(reduced))
+        return allocate(self, reduced, targets, cfg)
+
+    monkeypatch.setattr(type(get_method("astra")), "allocate", spy)
+    batches, models = calib("CAUSAL_LM"), []
+    for cache_dir in (str(tmp_path / "c"), str(tmp_path / "c"), None):  # miss, hit, off
+        base, cfg = llama(compose, "astra", "method.rank_allocation=effective_rank", "method.rank=2")
+        model, report = build_trainable(
+            copy.deepcopy(base), get_method("astra"), context(cfg, batches, cache_dir=cache_dir)
+        )
+        models.append((report.extra["rank_allocation"], dict(model.named_parameters())))
+        torch.testing.assert_close(
+            logits(model.eval(), batches[0]), logits(base, batches[0]), atol=1e-4, rtol=0
+        )
+    assert kinds == [astra.build.CachedSummaries, astra.build.CachedSummaries, dict]
+    assert models[0][0] == models[1][0] == models[2][0] and len(set(models[0][0].values())) > 1
+    for name, param in models[0][1].items():
+        assert torch.equal(param, models[1][1][name]) and torch.equal(param, models[2][1][name]), name
+
+
 def test_every_target_pattern_must_match(compose) -> None:
     base, cfg = llama(compose, "lora", "method.target_modules=[q_proj,qproj]")
     with pytest.raises(ValueError, match="target module 'qproj' matches no linear layer"):
