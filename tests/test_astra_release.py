@@ -169,7 +169,9 @@ def test_subspace_and_factors_equal_release(setup):
     for name in names:
         weight, scaling = modules[name].weight, 8 / R
         A_ref, B_ref, W_ref, S_ref = release_init(weight, reference[name], R, scaling)
-        stats = LayerStats(name=name, kind="output_cov", matrix=reference[name], tokens=10**6, samples=len(batches))
+        stats = LayerStats(
+            name=name, kind="output_cov", matrix=reference[name], tokens=10**6, samples=len(batches)
+        )
         reduced = method.reduce(stats, cfg.method)
         init = method.init(weight, reduced, LayerSpec(name=name, rank=R, scaling=scaling, method=cfg.method))
         assert torch.allclose(init.B @ init.B.T, B_ref @ B_ref.T, atol=1e-5), name  # projector onto V[:, -r:]
