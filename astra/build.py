@@ -27,8 +27,6 @@ own `build` (EVA, see `baselines/eva.py` for why) is timed and reported here and
 from __future__ import annotations
 
 import copy
-import logging
-import math
 import re
 import time
 from collections.abc import Iterator
@@ -44,7 +42,6 @@ from torch import nn
 from astra.common import PEFT_PREFIX
 from astra.methods import BuildContext, BuildReport, InitMethod, LayerSpec, LoraInit, Reduced
 
-log = logging.getLogger("astra.build")
 ADAPTER = "default"
 
 
@@ -160,11 +157,6 @@ def wrapped_layers(peft_model: nn.Module, targets: dict[str, nn.Linear]) -> dict
     if set(layers) != set(targets):
         raise RuntimeError(f"PEFT wrapped {sorted(set(layers) ^ set(targets))} differently from the targets")
     return layers
-
-
-def scaling(alpha: float, rank: int, use_rslora: bool) -> float:
-    """s in W + s B A: alpha / r (alpha / sqrt(r) with rsLoRA), as PEFT computes it."""
-    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
 
 
 @torch.no_grad()
@@ -316,7 +308,7 @@ def content_cache(
     if not (getattr(m, "cache", False) and ctx.cache_dir):
         return None, {}
     material = {
-        "kind": f"{type(method).__name__}.reduce/v2",
+        "kind": f"{type(method).__name__}.reduce/v3",
         "model_id": ctx.model_id,
         "layers": {
             n: [lin.out_features, lin.in_features, weight_fingerprint(lin.weight)]
