@@ -462,3 +462,45 @@ def test_gradients_need_labels():
     batches[0].pop("labels")
     with pytest.raises(ValueError, match="labelled"):
         list(collect_statistics(model, block_targets(model), "grad", batches, StatOptions()))
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("model_name", ["minilm", "smollm2-135m"])
+def test_embedded_models_sequential_equals_forward(model_name):
+    """The real embedded models (BERT: minilm; LLaMA: SmolLM2): the sequential engine with shared input
+    moments gives the statistics of hooks on full forwards (fp32), calibration batch 2 with padding."""
+    import os
+
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    from astra.models import model_config, resolve_model_dir
+
+    cfg = model_config(model_name)
+    path = resolve_model_dir(cfg, os.environ["ASTRA_CACHE_DIR"])
+    head = AutoModelForSequenceClassification if model_name == "minilm" else AutoModelForCausalLM
+    model = head.from_pretrained(path, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    texts = ["The cat sat on the mat and looked at the garden.", "Eigenvectors of a covariance.",
+             "def add(a, b):\n    return a + b", "Calibration tokens pass every block once."]  # fmt: skip
+    batches = [dict(tokenizer(texts[i : i + 2], padding=True, return_tensors="pt")) for i in (0, 2)]
+    assert any(int(b["attention_mask"].min()) == 0 for b in batches)  # really padded
+    suffixes = tuple(cfg.target_modules)
+    targets = {n: m for n, m in model.named_modules()
+               if isinstance(m, nn.Linear) and n.endswith(suffixes) and re_block(n) in (0, 1)}  # fmt: skip
+    seq = dict(collect_statistics(model, targets, "output_cov", batches, StatOptions()))
+    ref = dict(
+        collect_statistics(model, targets, "output_cov", batches, StatOptions(accumulate="direct"), "forward")
+    )
+    assert list(seq) == list(targets) and len(targets) >= 10
+    assert any(s.route == "shared_input" for s in seq.values())
+    for name in targets:
+        assert close(seq[name].matrix, ref[name].matrix, 1e-4), name
+
+
+def re_block(name: str) -> int | None:
+    import re
+
+    match = re.search(r"\.(\d+)\.", name)
+    return int(match.group(1)) if match else None
