@@ -130,7 +130,7 @@ def range_eigens(
     U = (F @ Q[:, keep]) / s2[keep].sqrt()  # (d_out, k)
     R = torch.linalg.cholesky(U.T @ U, upper=True)
     U = torch.linalg.solve_triangular(R, U, upper=True, left=False)  # U R^-1: orthonormal columns
-    values = torch.cat([torch.zeros(W.shape[0] - U.shape[1], dtype=torch.float64), s2[keep]])
+    values = torch.cat([torch.zeros(W.shape[0] - U.shape[1], dtype=torch.float64, device=W.device), s2[keep]])
     return values.to(dtype), U.to(dtype)
 
 
