@@ -35,6 +35,8 @@ from astra import results as store
 from astra.build import build_trainable
 from astra.common import sha256_file
 from astra.data import Task, build_task
+from astra.forgetting import forgetting_probe
+from astra.forgetting import metric_specs as forgetting_specs
 from astra.methods import BuildContext, InitMethod, get_method, load_methods
 from astra.models import load_model
 from astra.results import EvalInfo, MetaInfo, RunInfo, RunResult
@@ -59,8 +61,11 @@ def load_registry() -> None:
 def compose_config(overrides: list[str] | None = None) -> DictConfig:
     """The run config Hydra would build for `astra-run <overrides>` (for tests and notebooks)."""
     from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
 
     load_registry()
+    if GlobalHydra.instance().is_initialized():  # inside `astra-run` (hydra.main): the same conf/ tree
+        return compose(config_name="config", overrides=list(overrides or []))
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name="config", overrides=list(overrides or []))
 
@@ -212,6 +217,7 @@ def execute(cfg: DictConfig, sig: str, tracker: Any, result: RunResult) -> None:
     method = get_method(cfg.method.name)
     probe = probe_batch(task)
     result.train_info.base_loss = batch_loss(model, probe)
+    forgetting = forgetting_probe(model, tokenizer, cfg)  # base model's held-out loss, before any init
 
     model, report = build_trainable(model, method, build_context(cfg, task, model_id))  # the one build path
     info = result.train_info
@@ -243,10 +249,12 @@ def execute(cfg: DictConfig, sig: str, tracker: Any, result: RunResult) -> None:
     info.rank_probes = rank_probe.records if rank_probe else []
 
     metrics = task.evaluate(model, cfg.eval)
-    result.eval_info = EvalInfo(
-        metrics=metrics, metric_specs=task.metric_specs(metrics), history=periodic.history
-    )
-    result.meta_info.data_files = task.data_files
+    specs = task.metric_specs(metrics)
+    if forgetting is not None:  # causal LMs: held-out loss after training minus the base model's
+        extra = forgetting.after(model)
+        metrics, specs = {**metrics, **extra}, {**specs, **forgetting_specs(extra)}
+    result.eval_info = EvalInfo(metrics=metrics, metric_specs=specs, history=periodic.history)
+    result.meta_info.data_files = {**task.data_files, **(forgetting.data_files if forgetting else {})}
     result.meta_info.dataset_used = task.dataset_used
     tracker.summary({f"eval/{k}": v for k, v in metrics.items()})
     log.info("%s %s: %s", cfg.task.name, method.name, {k: round(v, 4) for k, v in metrics.items()})

@@ -201,3 +201,18 @@ def test_a_run_on_changed_data_is_not_skipped_as_done(compose, tmp_path):
     rerun = run_experiment(cfg)
     assert rerun is not None and rerun.ok  # the stored result read other data: computed again
     assert run_experiment(cfg) is None
+
+
+def test_cli_migrates_a_schema_1_store_and_skips_the_migrated_run(compose, tmp_path):
+    from astra.results import write_atomic
+
+    cfg = compose([*TINY, "method=lora"])
+    config, _, signature = run_identity(cfg)
+    del config["task"]["head"]  # as schema 1 wrote it: no head, metrics by name
+    config["task"]["metrics"] = [m["name"] for m in config["task"]["metrics"]]
+    legacy = {"run_info": {"signature": "0123456789ab", "sweep": "adhoc", "status": "success", "config": config},
+              "schema_version": 1}  # fmt: skip
+    write_atomic(tmp_path / "results" / "adhoc" / "0123456789ab.json", legacy)
+    out, err = astra_run(tmp_path).communicate(timeout=600)
+    assert "[astra] migrated" in out and "[astra] skip" in out, err[-2000:]
+    assert [p.stem for p in result_files(tmp_path)] == [signature]
