@@ -5,9 +5,9 @@ Layout under `<results_dir>`:
   a run shared by several sweeps is stored (and computed) once.
 - `views/<sweep>/<signature>`: empty marker files; a sweep is the set of its markers, written when a
   run of the sweep starts or is skipped as done.
-- `claims/<signature>.claim`: JSON {host, pid, started_at, token}, created atomically (O_CREAT|O_EXCL)
-  before a run starts and removed when it ends; a stale claim (older than a timeout, or whose process
-  is gone on the same host) is taken over.
+- `claims/<signature>.claim`: JSON {host, pid, pid_start, started_at, token}, created atomically
+  (O_CREAT|O_EXCL) before a run starts and removed when it ends; a stale claim (older than a timeout, or
+  whose process is gone on the same host, its pid unused or reused by a later process) is taken over.
 - `legacy/`: schema-1 files (`<results_dir>/<sweep>/<signature>.json`) after `migrate_legacy` moved them.
 
 Results are validated on read: field names and types, metrics are numbers (finite for a success), and
@@ -339,6 +339,15 @@ def pid_alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
+def process_start(pid: int) -> str:
+    """Start time of process `pid` in clock ticks since boot (/proc/<pid>/stat field 22); "" if unknown.
+    Together with the pid it names one process: a pid reused by a later process has another start."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
 @dataclass
 class Claim:
     """A held claim; `release()` removes the file only while it is still ours."""
@@ -377,7 +386,11 @@ def claim_is_stale(path: Path, info: Mapping[str, Any], timeout_s: float) -> boo
         return True
     if not info:
         return claim_age_s(path, info) > 60.0  # unreadable for a minute: its writer died mid-write
-    return info.get("host") == socket.gethostname() and not pid_alive(int(info.get("pid", -1)))
+    if info.get("host") != socket.gethostname():
+        return False
+    pid = int(info.get("pid", -1))
+    reused = bool(info.get("pid_start")) and process_start(pid) != info["pid_start"]
+    return not pid_alive(pid) or reused
 
 
 def try_claim(results_dir: str | Path, sig: str, timeout_s: float) -> Claim | dict[str, Any]:
@@ -388,8 +401,8 @@ def try_claim(results_dir: str | Path, sig: str, timeout_s: float) -> Claim | di
     """
     path = claim_path(results_dir, sig)
     path.parent.mkdir(parents=True, exist_ok=True)
-    info = {"host": socket.gethostname(), "pid": os.getpid(), "started_at": now_iso(),
-            "token": secrets.token_hex(8)}  # fmt: skip
+    info = {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": process_start(os.getpid()),
+            "started_at": now_iso(), "token": secrets.token_hex(8)}  # fmt: skip
     for _ in range(200):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)

@@ -252,6 +252,11 @@ def test_stale_claims_are_taken_over_live_ones_are_not(tmp_path):
     write_claim(tmp_path, host, os.getpid(), results.now_iso())  # alive on this host
     assert not isinstance(try_claim(tmp_path, "abc", timeout_s=3600), results.Claim)
     assert path.exists()
+    reused = json.loads(path.read_text()) | {"pid_start": "1"}  # our pid, but a process started at boot
+    path.write_text(json.dumps(reused))
+    assert isinstance(try_claim(tmp_path, "abc", timeout_s=3600), results.Claim)
+    own = json.loads(path.read_text())
+    assert own["pid"] == os.getpid() and own["pid_start"] == results.process_start(os.getpid()) != ""
 
 
 def test_release_never_removes_a_claim_that_is_no_longer_ours(tmp_path):
