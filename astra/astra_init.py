@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from astra.config import MethodConfig, not_in_signature
-from astra.eigen import EigDtype, Eigens, Select, boundary, candidate_columns, decompose
+from astra.eigen import EigDtype, Eigens, Select, boundary, candidate_columns, decompose, select_columns
 from astra.erank import release_effective_rank
 from astra.methods import InitMethod, LayerSpec, LoraInit, Reduced, register
 from astra.stats import AccumDtype, Accumulate, Engine, Normalizer, SampleNorm
@@ -123,57 +123,36 @@ def selected_energy(values: torch.Tensor, vectors: torch.Tensor, columns: torch.
     return (coeff.square() * values.to(columns.dtype)[:, None]).sum(0)
 
 
-def null_complement(range_vectors: torch.Tensor) -> torch.Tensor:
-    """(d, d - k): an orthonormal basis of the complement of the range eigenvectors `range_vectors` (d, k).
-
-    The complement is C's null space (eigenvalue exactly 0, a degenerate eigenspace: any orthonormal basis
-    of it is an eigenbasis). It is computed from the stored range vectors alone (complete QR), so a cached
-    and a fresh init agree bit for bit; it is not necessarily the basis `astra.eigen.decompose` returned.
-    """
-    complete, _ = torch.linalg.qr(range_vectors, mode="complete")
-    return complete[:, range_vectors.shape[1] :]
-
-
-def selected_columns(vectors: torch.Tensor, r: int, select: str, seed: int) -> torch.Tensor:
-    """The r columns (d, r) of a selection, from all eigenvectors (d, d) or only the range ones (d, k < d).
-
-    With the range only, the null-space block (the first d - k eigenvectors, eigenvalue 0) is rebuilt
-    only when the selection reaches into it (tail, middle; head beyond k): head selections of a
-    d_out > d_in layer never pay for the d_out^2 complement.
-    """
-    d, k = vectors.shape
-    if k < d and select == "head" and r <= k:
-        return vectors[:, k - r :]
-    if k < d and select != "random":
-        vectors = torch.cat([null_complement(vectors), vectors], dim=1)
-    return candidate_columns(vectors, r, select, seed)
-
-
 def astra_init(weight: torch.Tensor, eigens: Eigens, spec: LayerSpec) -> LoraInit:
-    """The Astra init of one layer from its covariance's eigenpairs: values (d_out,) ascending, vectors
-    (d_out, d_out), or (d_out, k) the range eigenvectors when the others span the null space (values 0).
+    """The Astra init of one layer from its covariance's eigenpairs: values (d_out,) ascending and all
+    eigenvectors (d_out, d_out), or only `range_vectors` (d_out, k) when the other d_out - k span the
+    null space (eigenvalue exactly 0; `astra.eigen.Eigens` forms that block only if a selection needs it).
 
     `info`: rank, selection, the fraction of trace(C) in the selected directions, and the eigengap at
     the selection boundary (`astra.eigen.boundary`: whether the accumulation precision resolves it).
     """
-    m, d_out = spec.method, weight.shape[0]
-    values, vectors = eigens.values, eigens.vectors
-    if vectors.shape[0] != d_out:
-        raise ValueError(f"eigenvectors of dimension {vectors.shape[0]} for a layer with d_out={d_out}")
-    if spec.rank > d_out:
+    m, d_out, r = spec.method, weight.shape[0], spec.rank
+    values = eigens.values
+    basis = eigens.range_vectors if eigens.range_vectors is not None else eigens.vectors  # (d_out, k)
+    if basis.shape[0] != d_out:
+        raise ValueError(f"eigenvectors of dimension {basis.shape[0]} for a layer with d_out={d_out}")
+    if r > d_out:
         raise ValueError(
-            f"layer {spec.name}: rank {spec.rank} exceeds d_out={d_out} (an eigenbasis has d_out vectors)"
+            f"layer {spec.name}: rank {r} exceeds d_out={d_out} (an eigenbasis has d_out vectors)"
         )
-    columns = selected_columns(
-        vectors, spec.rank, m.select, layer_seed(m.select_seed, spec.name)
-    ).contiguous()
+    seed = layer_seed(m.select_seed, spec.name)
+    if m.select == "random":  # a seeded basis of R^d_out: no eigenvector needed
+        columns = candidate_columns(basis, r, "random", seed)
+    else:
+        columns = select_columns(eigens, r, str(m.select), seed)
+    columns = columns.contiguous()
     A, B, residual = astra_factors(weight, columns, spec.scaling)
-    in_basis = values[values.numel() - vectors.shape[1] :]  # the null block's eigenvalues are exactly 0
-    energy = float(selected_energy(in_basis, vectors, columns).double().sum()) / max(
+    in_basis = values[d_out - basis.shape[1] :]  # eigenvalues of `basis`; the null block's are exactly 0
+    energy = float(selected_energy(in_basis, basis, columns).double().sum()) / max(
         float(values.double().sum()), 1e-300
     )
-    info = {"rank": spec.rank, "select": str(m.select), "energy_fraction": energy,
-            "boundary": boundary(eigens, spec.rank, str(m.select))}  # fmt: skip
+    info = {"rank": r, "select": str(m.select), "energy_fraction": energy,
+            "boundary": boundary(eigens, r, str(m.select))}  # fmt: skip
     return LoraInit(A=A, B=B, residual=residual, info=info)
 
 
@@ -218,17 +197,15 @@ class Astra(InitMethod):
         """Eigenpairs of one layer's output covariance (`stats.matrix`, (d_out, d_out)), for any rank and any
         selection: values (d_out,), vectors (d_out, d_out) or, when C has a null space, (d_out, rank C)."""
         eig = decompose(stats, str(cfg.eig_dtype))
-        null = int(eig.info.get("null_dim", 0)) if eig.info.get("solver") == "range" else 0
+        vectors = eig.range_vectors if eig.range_vectors is not None else eig.vectors
         meta = {
             **eig.info,
             "tokens": int(stats.tokens),
             "rank_deficient": int(stats.tokens) < eig.values.numel(),
         }
         # a d_out > d_in layer keeps only its range eigenvectors (d_out, d_in + 1): the null-space basis is
-        # recomputed on demand (`null_complement`), so a LLaMA-7B gate/up entry holds 11008 x 4097, not 11008^2
-        return Reduced(
-            tensors={"values": eig.values, "vectors": eig.vectors[:, null:].contiguous()}, meta=meta
-        )
+        # formed from them when a selection needs it, so a LLaMA-7B gate/up entry is 11008 x 4097, not 11008^2
+        return Reduced(tensors={"values": eig.values, "vectors": vectors.contiguous()}, meta=meta)
 
     def reduce_options(self, cfg: Any) -> dict[str, Any]:
         return {"eig_dtype": str(cfg.eig_dtype)}
@@ -238,7 +215,11 @@ class Astra(InitMethod):
         reduced = stats if isinstance(stats, Reduced) else self.reduce(stats, spec.method)
         if reduced.meta.get("rank_deficient"):
             warn_rank_deficient(reduced.meta["tokens"], weight.shape[0])
-        eigens = Eigens(reduced.tensors["values"], reduced.tensors["vectors"], dict(reduced.meta))
+        values, vectors = reduced.tensors["values"], reduced.tensors["vectors"]
+        if vectors.shape[1] < vectors.shape[0]:  # the range only (see `reduce`)
+            eigens = Eigens(values, None, dict(reduced.meta), range_vectors=vectors)
+        else:
+            eigens = Eigens(values, vectors, dict(reduced.meta))
         init = astra_init(weight, eigens, spec)
         init.info = {**reduced.meta, **init.info}
         return init
