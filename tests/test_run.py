@@ -216,3 +216,18 @@ def test_cli_migrates_a_schema_1_store_and_skips_the_migrated_run(compose, tmp_p
     out, err = astra_run(tmp_path).communicate(timeout=600)
     assert "[astra] migrated" in out and "[astra] skip" in out, err[-2000:]
     assert [p.stem for p in result_files(tmp_path)] == [signature]
+
+
+def test_submitit_local_multirun_writes_one_result_per_job(tmp_path):
+    """The SLURM launcher's code path (submitit) with a local executor: each job in its own process."""
+    results = tmp_path / "results"
+    cmd = [sys.executable, "-m", "astra.run", "-m", "hydra/launcher=submitit_local", *TINY,
+           "method=lora,full_ft", "sweep.name=submitit", f"paths.results_dir={results}",
+           f"paths.output_dir={tmp_path / 'out'}", "hydra.launcher.timeout_min=10"]  # fmt: skip
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = load_runs(results, "submitit")
+    assert sorted(r.run_info.config["method"]["name"] for r in runs) == ["full_ft", "lora"]
+    assert all(r.ok for r in runs) and len(result_files(tmp_path)) == 2
