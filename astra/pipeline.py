@@ -38,14 +38,12 @@ from astra.data import Task, build_task
 from astra.forgetting import forgetting_probe
 from astra.forgetting import metric_specs as forgetting_specs
 from astra.methods import BuildContext, InitMethod, get_method, load_methods
-from astra.models import load_model
+from astra.models import CONF_DIR, REPO_ROOT, load_model
 from astra.results import EvalInfo, MetaInfo, RunInfo, RunResult
 from astra.tracking import make_tracker
 from astra.trainer import HistoryCallback, PeriodicEvalCallback, batch_loss, count_parameters, train
 
 log = logging.getLogger("astra")
-REPO_ROOT = Path(__file__).resolve().parent.parent
-CONF_DIR = REPO_ROOT / "conf"
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "hydra-core", "wandb", "lm-eval")
 
 
