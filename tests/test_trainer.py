@@ -132,3 +132,30 @@ def test_trainer_never_runs_the_lm_head_module(tmp_path, monkeypatch):  # noqa: 
     monkeypatch.setattr(LlamaForCausalLM, "forward", lambda *a, **k: calls.append(1) or original(*a, **k))
     train_steps(AstraTrainer, tmp_path, steps=1)
     assert calls == []
+
+
+def test_gradient_checkpointing_defaults_on_for_causal_lms_only():
+    from omegaconf import OmegaConf
+
+    from astra.trainer import use_gradient_checkpointing
+
+    cfg = lambda family, value=None: OmegaConf.create(  # noqa: E731
+        {"task": {"family": family}, "trainer": {"gradient_checkpointing": value}}
+    )
+    assert use_gradient_checkpointing(cfg("math")) and not use_gradient_checkpointing(cfg("glue"))
+    assert not use_gradient_checkpointing(cfg("math", False)) and use_gradient_checkpointing(
+        cfg("glue", True)
+    )
+
+
+def test_gradient_checkpointing_leaves_loss_and_gradients_unchanged():
+    model = lora(tiny_llama())
+    model.train()
+    ref_loss, ref_grads = loss_and_grads(
+        model, lambda: causal_lm_loss(causal_lm_parts(model), padded_batch())
+    )
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    loss, grads = loss_and_grads(model, lambda: causal_lm_loss(causal_lm_parts(model), padded_batch()))
+    assert torch.equal(loss, ref_loss)
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-12, atol=1e-14, msg=name)
