@@ -194,7 +194,7 @@ class InstructionTask(Task):
         stats = self.gen_stats.setdefault(name, GenerationStats())
         return generate(model, self.tokenizer, texts, batch_size=eval_cfg.batch_size,
                         max_new_tokens=self.max_new_tokens(eval_cfg), stop=stop, num_samples=n,
-                        temperature=eval_cfg.temperature, stats=stats)  # fmt: skip
+                        temperature=eval_cfg.temperature, stats=stats, progress=name)  # fmt: skip
 
     def evaluate(self, model: torch.nn.Module, eval_cfg: Any) -> dict[str, float]:
         metrics: dict[str, float] = {}
