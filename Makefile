@@ -8,9 +8,10 @@ TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch>=2.4,torch==
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=offline
 export ASTRA_DATA_DIR ?= $(abspath ../shared/data)
 SWEEP ?= demo
+SCALE ?= mini
 PYTEST_ARGS ?=
 
-.PHONY: help install demo test test-fast sweep status tables report bench lint format clean
+.PHONY: help install demo test test-fast sweep status tables report bench reproduce lint format clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -42,8 +43,8 @@ test-fast: install  ## unit tests only (tiny random models)
 sweep: install  ## run a sweep file: make sweep SWEEP=<name in conf/sweep>
 	$(OFFLINE) $(BIN)/astra-run sweep=$(SWEEP)
 
-status: install  ## which runs of a sweep are present, missing or failed: make status SWEEP=<name>
-	$(BIN)/python -m analysis.status $(SWEEP)
+status: install  ## which runs of a sweep are present, failed, running or missing: make status SWEEP=<name>
+	$(OFFLINE) $(BIN)/python -m astra.sweeps status $(SWEEP)
 
 tables: install  ## regenerate every table and figure from the results store
 	$(BIN)/astra-tables
@@ -51,8 +52,15 @@ tables: install  ## regenerate every table and figure from the results store
 report: install  ## write one self-contained report per sweep
 	$(BIN)/python -m analysis.report
 
-bench: install  ## statistics/eigendecomposition benchmarks (ratios vs a baseline in the same process)
-	$(OFFLINE) $(BIN)/python -m experiments.bench
+bench: install  ## Astra init vs forward vs the release's procedure; train step and decoding per method (docs/performance.md)
+	$(OFFLINE) $(BIN)/python -m experiments.bench_init --out results/bench_init.md
+	$(OFFLINE) $(BIN)/python -m experiments.bench_train --out results/bench_train.md
+
+reproduce: install  ## run a paper item's sweeps (finished runs skipped) and regenerate its table: make reproduce TABLE=<id> [SCALE=mini]
+	@test -n "$(TABLE)" || { echo "TABLE=<id> is required; ids: $$($(BIN)/python -m experiments.paper --list | tr '\n' ' ')"; exit 2; }
+	set -e; for s in $$($(BIN)/python -m experiments.paper --scale $(SCALE) --sweeps $(TABLE)); do \
+	  $(OFFLINE) $(BIN)/astra-run -m sweep=$$s; done
+	$(BIN)/python -m experiments.paper --scale $(SCALE) --table $(TABLE)
 
 lint: install  ## ruff lint and format check
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
