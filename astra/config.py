@@ -189,6 +189,8 @@ class TaskConfig:
     version: int = 1  # bump when prompts, extraction or metrics change
     max_length: int = 128
     train_limit: int | None = None  # use the first N shuffled training examples (CPU-scale runs)
+    # training examples allowed to lose every label token to truncation (astra.validate; fails above it)
+    max_unlabelled_fraction: float = not_in_signature(0.01)
     metrics: list[MetricSpec] = field(default_factory=list)  # what `evaluate` reports, kind and direction
     main_metric: str = MISSING  # the metric tables report for this task
 

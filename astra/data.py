@@ -33,6 +33,10 @@ class MissingDataError(FileNotFoundError):
     """A dataset is neither in the data dir nor reachable on the Hub."""
 
 
+class DataFileError(ValueError):
+    """A data file that cannot be read as the task expects; the message names the file and the line."""
+
+
 class Task:
     """One task: its examples, how an example becomes training features, and how to evaluate."""
 
@@ -103,11 +107,21 @@ def build_task(cfg: Any, tokenizer: PreTrainedTokenizerBase, data_dir: str | Pat
 
 
 def read_tsv(path: Path, header: bool, columns: Sequence[str]) -> list[Example]:
-    """GLUE TSV: quoting disabled (fields hold unbalanced quotes), BOM tolerated (MRPC)."""
-    with path.open(encoding="utf-8-sig", newline="") as f:
-        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
-    names = rows.pop(0) if header else list(columns)
-    return [dict(zip(names, row, strict=False)) for row in rows if row]
+    """GLUE TSV: quoting disabled (fields hold unbalanced quotes), BOM tolerated (MRPC). Each row carries
+    its 1-based line number under `_line`; an empty file or a header without rows raises DataFileError
+    naming the file (a row missing a column the task reads fails in `GlueTask`, naming the line)."""
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as f:
+            rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise DataFileError(f"{path}: not a UTF-8 TSV file ({err})") from err
+    numbered = [(i, row) for i, row in enumerate(rows, start=1) if row]  # QUOTE_NONE: one row per line
+    if not numbered:
+        raise DataFileError(f"{path}: empty file")
+    names = numbered.pop(0)[1] if header else list(columns)
+    if not numbered:
+        raise DataFileError(f"{path}: only a header line, no examples")
+    return [{**dict(zip(names, row, strict=False)), "_line": line} for line, row in numbered]
 
 
 def hub_split(hub_id: str, config: str, split: str, expected: Path) -> list[Example]:
@@ -138,13 +152,26 @@ class GlueTask(Task):
         if path.exists():
             self.record_file(path)
             rows = read_tsv(path, cfg.header, cfg.columns)
-            return [self._normalise(row, cfg.text_fields, cfg.label_field) for row in rows]
+            return [self._normalise_line(path, row) for row in rows]
         hub_split_name = cfg.hub_dev_split if split == "dev" else split
         rows = hub_split(cfg.hub_id, cfg.glue_name, hub_split_name, path)
         self.dataset_used = self.dataset_used or f"hub:{cfg.hub_id}/{cfg.glue_name}"
         return [
             self._normalise(row, cfg.hub_text_fields or cfg.text_fields, cfg.hub_label_field) for row in rows
         ]
+
+    def _normalise_line(self, path: Path, row: Example) -> Example:
+        """`_normalise` of one TSV row; any error names the file, line and column."""
+        try:
+            example = self._normalise(row, self.cfg.text_fields, self.cfg.label_field)
+        except KeyError as err:
+            columns = len(row) - 1  # without `_line`
+            raise DataFileError(
+                f"{path}:{row['_line']}: no value for column {err} ({columns} columns)"
+            ) from err
+        except ValueError as err:
+            raise DataFileError(f"{path}:{row['_line']}: column {self.cfg.label_field!r}: {err}") from err
+        return example
 
     def _normalise(self, row: Example, text_fields: list[str], label_field: str) -> Example:
         """Texts under the TSV's `text_fields` names and a numeric `label` (class id, or float)."""
@@ -155,6 +182,8 @@ class GlueTask(Task):
             value = self.cfg.label_names.index(label)
         else:
             value = int(label)
+        if self.cfg.num_labels > 1 and not 0 <= value < self.cfg.num_labels:
+            raise ValueError(f"label {label!r} outside the task's label set 0..{self.cfg.num_labels - 1}")
         texts = {name: row[src] for name, src in zip(self.cfg.text_fields, text_fields, strict=True)}
         return {**texts, "label": value}
 
