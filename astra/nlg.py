@@ -53,13 +53,30 @@ MBPP_TEST_IDS = range(11, 511)  # the standard split: 1-10 prompts, 11-510 test
 
 
 def read_records(path: Path) -> list[Example]:
-    """JSON array or JSON lines (optionally gzip-compressed)."""
+    """JSON array or JSON lines (optionally gzip-compressed); errors name the file and the line."""
+    from astra.data import DataFileError
+
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        text = f.read()
-    if text.lstrip().startswith("["):
-        return json.loads(text)
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, EOFError, UnicodeDecodeError) as err:  # gzip.BadGzipFile is an OSError
+        raise DataFileError(f"{path}: cannot be read ({type(err).__name__}: {err})") from err
+    if not text.strip():
+        raise DataFileError(f"{path}: empty file")
+    try:
+        if text.lstrip().startswith("["):
+            return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataFileError(f"{path}:{err.lineno}: invalid JSON ({err.msg})") from err
+    records = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise DataFileError(f"{path}:{number}: invalid JSON line ({err.msg})") from err
+    return records
 
 
 class InstructionTask(Task):
