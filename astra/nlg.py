@@ -29,7 +29,7 @@ from transformers import DataCollatorForSeq2Seq
 from astra import prompts
 from astra.common import IGNORE_INDEX
 from astra.config import MetricSpec
-from astra.data import Example, MissingDataError, Task, hub_split, register_family
+from astra.data import DataFileError, Example, MissingDataError, Task, hub_split, register_family
 from astra.evaluate import commonsense as cs
 from astra.evaluate.code_eval import score_completions
 from astra.evaluate.generation import GenerationStats, generate
@@ -54,8 +54,6 @@ MBPP_TEST_IDS = range(11, 511)  # the standard split: 1-10 prompts, 11-510 test
 
 def read_records(path: Path) -> list[Example]:
     """JSON array or JSON lines (optionally gzip-compressed); errors name the file and the line."""
-    from astra.data import DataFileError
-
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rt", encoding="utf-8") as f:
