@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -82,28 +79,31 @@ def _file_fingerprint(path: Path) -> str:
 def convert_gguf(gguf_path: Path, cache_dir: str | Path) -> Path:
     """Dequantise a GGUF checkpoint once into a plain HF folder under `cache_dir`, and reuse it.
 
-    The Trainer refuses GGUF-quantised models, so training needs the dequantised copy.
+    The Trainer refuses GGUF-quantised models, so training needs the dequantised copy. The folder is a
+    verified cache entry (astra.artifacts): sealed by a manifest of sha256s written last, checked on every
+    use, rebuilt with a warning naming its path when a file was changed or removed (corrupted weights,
+    no tokenizer.json), written atomically (of two concurrent converters one wins, the other uses it).
     """
+    from astra.artifacts import verified_folder
+
     target = Path(cache_dir) / "models" / f"{gguf_path.stem}-{_file_fingerprint(gguf_path)}"
-    if (target / "config.json").exists():
-        return target
-    kwargs = {"gguf_file": gguf_path.name}
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
-    quantised = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kwargs)
-    config = quantised.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain.load_state_dict(quantised.state_dict())
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-    try:
+
+    def build(tmp: Path) -> None:
+        kwargs = {"gguf_file": gguf_path.name}
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
+        quantised = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kwargs)
+        config = quantised.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain.load_state_dict(quantised.state_dict())
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)  # atomic: a half-written folder is never mistaken for a converted one
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+    return verified_folder(target, build, required=CONVERTED_MODEL_FILES, what="converted model")
+
+
+CONVERTED_MODEL_FILES = ("config.json", "tokenizer.json")  # weights: every file is in the manifest anyway
 
 
 def resolve_model_dir(cfg: Any, cache_dir: str | Path) -> str:
