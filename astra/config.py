@@ -277,6 +277,10 @@ class TrainerConfig:
     gradient_checkpointing: bool | None = not_in_signature(None)
     dataloader_num_workers: int = not_in_signature(0)
     save_model: bool = not_in_signature(False)
+    # checkpoint every N optimisation steps (0: none) in the run's scratch folder; a rerun of the signature
+    # resumes from the last verified one (astra/checkpoint.py). Exact resume: cannot change the result.
+    save_every: int = not_in_signature(0)
+    keep_checkpoints: bool = not_in_signature(False)  # False: removed once the run's result is written
     # exact recomputation, ~1.3-1.5x step time; None: on for causal LMs (astra.trainer.use_gradient_checkpointing)
     gradient_checkpointing: bool | None = not_in_signature(None)
     # effective-rank probes (astra/probes.py) at these optimisation steps (0 = at init; the final step is
