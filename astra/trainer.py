@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import logging
 import math
 import sys
 from collections.abc import Callable
@@ -11,8 +12,11 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from astra.checkpoint import CheckpointSealer, ResumeHistory, checkpoint_arguments, last_checkpoint
 from astra.data import Task
 from astra.models import eval_mode, model_device
+
+log = logging.getLogger("astra.trainer")
 
 
 class HistoryCallback(TrainerCallback):
@@ -104,7 +108,7 @@ def training_arguments(cfg: Any, output_dir: str) -> TrainingArguments:
         optim=t.optim,
         bf16=t.bf16,
         logging_steps=1,
-        save_strategy="no",
+        **checkpoint_arguments(cfg),  # trainer.save_every: checkpoints in output_dir (astra/checkpoint.py)
         eval_strategy="no",
         report_to=[],
         seed=cfg.seed,
@@ -249,14 +253,18 @@ def train(model: torch.nn.Module, task: Task, cfg: Any, output_dir: str, callbac
     """Train with the shared Trainer; returns wall-clock seconds of `trainer.train()`."""
     return_freed_memory()
     args = training_arguments(cfg, output_dir)
+    resume = last_checkpoint(output_dir)  # a previous attempt of this signature was interrupted
+    histories = [ResumeHistory(c.history) for c in callbacks if isinstance(c, HistoryCallback)]
     trainer = AstraTrainer(
         model=model,
         args=args,
         train_dataset=task.train_dataset,
         data_collator=task.collator(),
-        callbacks=callbacks,
+        callbacks=[*callbacks, CheckpointSealer(), *histories],
     )
-    output = trainer.train()
+    if resume is not None:
+        log.warning("resuming from %s", resume)
+    output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if cfg.trainer.save_model:
         trainer.save_model(output_dir)
     runtime = output.metrics.get("train_runtime", math.nan)
