@@ -85,6 +85,8 @@ class RunInfo:
     error: str = ""
     started_at: str = ""
     finished_at: str = ""
+    log_file: str = ""  # the run's log: per-step loss, final status, traceback (astra.artifacts.run_log)
+    artifacts: dict[str, str] = field(default_factory=dict)  # name -> path: saved model, per-sample outputs
 
 
 @dataclass
