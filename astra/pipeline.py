@@ -37,11 +37,13 @@ from astra.common import sha256_file
 from astra.data import Task, build_task
 from astra.forgetting import forgetting_probe
 from astra.forgetting import metric_specs as forgetting_specs
+from astra.guards import NonFiniteGuard, check_finite_loss, check_finite_metrics, check_finite_weights
 from astra.methods import BuildContext, InitMethod, get_method, load_methods
 from astra.models import CONF_DIR, REPO_ROOT, load_model
 from astra.results import EvalInfo, MetaInfo, RunInfo, RunResult
 from astra.tracking import make_tracker
 from astra.trainer import HistoryCallback, PeriodicEvalCallback, batch_loss, count_parameters, train
+from astra.validate import check_adapter_targets, check_results_dir, check_task_data
 
 log = logging.getLogger("astra")
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "hydra-core", "wandb", "lm-eval")
@@ -209,18 +211,23 @@ def execute(cfg: DictConfig, sig: str, tracker: Any, result: RunResult) -> None:
     """Fill `result` in place as the run proceeds, so a failure still records what happened."""
     torch.manual_seed(cfg.seed)
     model, tokenizer, model_id = load_model(cfg.model, cfg.task, cfg.paths.cache_dir, seed=cfg.seed)
+    method = get_method(cfg.method.name)
+    if method.trains_adapters:  # targets and rank, before any data is read or statistic computed
+        check_adapter_targets(model, cfg)
     task = build_task(cfg.task, tokenizer, cfg.paths.data_dir, seed=cfg.seed)
     task.check_eval(cfg.eval)
+    check_task_data(task, cfg.eval)  # every split read and validated before training
     result.meta_info.dataset_used = task.dataset_used
-    method = get_method(cfg.method.name)
     probe = probe_batch(task)
     result.train_info.base_loss = batch_loss(model, probe)
+    check_finite_loss("base-model loss", result.train_info.base_loss)
     forgetting = forgetting_probe(model, tokenizer, cfg)  # base model's held-out loss, before any init
 
     model, report = build_trainable(model, method, build_context(cfg, task, model_id))  # the one build path
     info = result.train_info
     info.init_seconds, info.init = report.init_seconds, {"layers": report.layers, **report.extra}
     info.step0_loss = batch_loss(model, probe)
+    check_finite_loss(f"step-0 loss after the {method.name} init", info.step0_loss)
     warn_if_function_changed(method, info.base_loss, info.step0_loss, cfg.model.dtype)
     info.trainable_params, info.total_params = count_parameters(model)
     log.info(
@@ -235,7 +242,7 @@ def execute(cfg: DictConfig, sig: str, tracker: Any, result: RunResult) -> None:
 
     history = HistoryCallback(sink=tracker.log)
     periodic = PeriodicEvalCallback(task, cfg.eval, cfg.trainer.eval_every, sink=tracker.log)
-    callbacks = [history, periodic]
+    callbacks = [NonFiniteGuard(), history, periodic]
     rank_probe = None
     if cfg.trainer.rank_probe_steps:  # probes import the effective-rank maths only when asked for
         from astra.probes import make_rank_probe
@@ -246,7 +253,9 @@ def execute(cfg: DictConfig, sig: str, tracker: Any, result: RunResult) -> None:
     info.history, info.peak_memory_mb = history.history, peak_memory_mb()
     info.rank_probes = rank_probe.records if rank_probe else []
 
+    check_finite_weights(model)  # never evaluate (and record) a model with NaN/inf weights
     metrics = task.evaluate(model, cfg.eval)
+    check_finite_metrics(metrics)
     specs = task.metric_specs(metrics)
     if forgetting is not None:  # causal LMs: held-out loss after training minus the base model's
         extra = forgetting.after(model)
@@ -336,6 +345,7 @@ def run_experiment(cfg: DictConfig) -> RunResult | None:
     load_registry()
     config, unsigned, sig = schemas.run_identity(cfg)
     results_dir = cfg.paths.results_dir
+    check_results_dir(results_dir)  # a run that cannot record its result must not start
     migrate_store(results_dir)
     store.mark_view(results_dir, cfg.sweep.name, sig)  # also checks that the store is writable, early
     path = store.run_path(results_dir, sig)
