@@ -162,11 +162,14 @@ def greedy_tokens(
 def stop_string_check(tokenizer: PreTrainedTokenizerBase, stop: Sequence[str]) -> Callable:
     """`stopped(tokens (batch, new)) -> (batch,) bool`: the decoded text of the row contains a stop string.
 
-    The text is cut at the first stop string afterwards, so ending a row there changes nothing.
+    The text is cut at the first stop string afterwards, so ending a row there changes nothing. Only the
+    last `window` tokens are decoded (a stop string of n characters spans at most n tokens; checked every
+    step, a stop string is seen in the step its last token arrives), so the check costs O(1) per step.
     """
+    window = max(len(s) for s in stop) + 1
 
     def stopped(tokens: torch.Tensor) -> torch.Tensor:
-        texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
+        texts = tokenizer.batch_decode(tokens[:, -window:], skip_special_tokens=True)
         return torch.tensor([any(s in t for s in stop) for t in texts], device=tokens.device)
 
     return stopped
