@@ -55,17 +55,20 @@ class PaperItem:
 
 
 PAPER: tuple[PaperItem, ...] = (
-    PaperItem("glue", "GLUE table (DeBERTa-v3-base)", ("glue_table1",), glue_table, ("curves",), ("demo",), "glue"),
-    PaperItem("math_code", "Math and code table (LLaMA-2-7B)", ("nlg_math_code",), math_code_table, ("curves",),
-              paired="math_code"),
-    PaperItem("commonsense", "Commonsense table (LLaMA-3-8B)", ("commonsense",), commonsense_table, ("curves",),
-              paired="commonsense"),
+    PaperItem("glue", "GLUE table (DeBERTa-v3-base)", ("glue_table1",), glue_table, ("curves",), ("mini_glue",),
+              "glue"),
+    PaperItem("math_code", "Math and code table (LLaMA-2-7B)",
+              ("nlg_math", "nlg_math_release", "nlg_code", "nlg_code_release"), math_code_table, ("curves",),
+              ("mini_nlg",), "math_code"),
+    PaperItem("commonsense", "Commonsense table (LLaMA-3-8B)", ("commonsense", "commonsense_release"),
+              commonsense_table, ("curves",), paired="commonsense"),
     PaperItem("ablation_select", "Ablation: eigenvector selection", ("ablation_select",), ablation_select_table,
-              mini=("demo_select",)),
+              mini=("mini_select",)),
     PaperItem("ablation_rank", "Ablation: rank", ("ablation_rank",), ablation_rank_table),
     PaperItem("ablation_calib", "Ablation: calibration data", ("ablation_calib",), ablation_calib_table),
-    PaperItem("erank", "Effective rank of dW (discussion)", ("glue_table1",), rank_table, ("rank",), ("demo",)),
-    PaperItem("curves", "Loss and grad-norm curves (App. D.2)", ("glue_table1",), None, ("curves",), ("demo",)),
+    PaperItem("erank", "Effective rank of dW (discussion)", ("glue_table1",), rank_table, ("rank",), ("mini_glue",)),
+    PaperItem("curves", "Loss and grad-norm curves (App. D.2)", ("glue_table1",), None, ("curves",),
+              ("mini_glue", "mini_nlg")),
 )  # fmt: skip
 
 
