@@ -32,9 +32,12 @@ from torch.utils.data import DataLoader
 
 from astra import config as schemas
 from astra import results as store
+from astra.artifacts import log_step, run_log, sinks
 from astra.build import build_trainable
+from astra.checkpoint import remove_checkpoints
 from astra.common import sha256_file
 from astra.data import Task, build_task
+from astra.export import export_trained, save_init_adapter
 from astra.forgetting import forgetting_probe
 from astra.forgetting import metric_specs as forgetting_specs
 from astra.guards import NonFiniteGuard, check_finite_loss, check_finite_metrics, check_finite_weights
@@ -43,7 +46,7 @@ from astra.models import CONF_DIR, REPO_ROOT, load_model
 from astra.results import EvalInfo, MetaInfo, RunInfo, RunResult
 from astra.tracking import make_tracker
 from astra.trainer import HistoryCallback, PeriodicEvalCallback, batch_loss, count_parameters, train
-from astra.validate import check_adapter_targets, check_results_dir, check_task_data
+from astra.validate import check_adapter_targets, check_group_choices, check_results_dir, check_task_data
 
 log = logging.getLogger("astra")
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "hydra-core", "wandb", "lm-eval")
@@ -64,6 +67,7 @@ def compose_config(overrides: list[str] | None = None) -> DictConfig:
     from hydra.core.global_hydra import GlobalHydra
 
     load_registry()
+    check_group_choices(list(overrides or []), CONF_DIR)  # lists nested options (glue/*) on a typo
     if GlobalHydra.instance().is_initialized():  # inside `astra-run` (hydra.main): the same conf/ tree
         return compose(config_name="config", overrides=list(overrides or []))
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -207,6 +211,11 @@ def scratch_dir(cfg: DictConfig, sig: str) -> str:
     return str(Path(cfg.paths.output_dir) / cfg.sweep.name / sig)
 
 
+def log_path(cfg: DictConfig, sig: str) -> Path:
+    """The run's log file (per-step loss, status, traceback); appended to by every attempt."""
+    return Path(scratch_dir(cfg, sig)) / "run.log"
+
+
 def execute(cfg: DictConfig, sig: str, tracker: Any, result: RunResult) -> None:
     """Fill `result` in place as the run proceeds, so a failure still records what happened."""
     torch.manual_seed(cfg.seed)
@@ -240,7 +249,7 @@ def execute(cfg: DictConfig, sig: str, tracker: Any, result: RunResult) -> None:
     tracker.summary({"init_seconds": info.init_seconds, "trainable_params": info.trainable_params,
                      "base_loss": info.base_loss, "step0_loss": info.step0_loss, **scalars})  # fmt: skip
 
-    history = HistoryCallback(sink=tracker.log)
+    history = HistoryCallback(sink=sinks(log_step, tracker.log))  # the run log and the tracker
     periodic = PeriodicEvalCallback(task, cfg.eval, cfg.trainer.eval_every, sink=tracker.log)
     callbacks = [NonFiniteGuard(), history, periodic]
     rank_probe = None
@@ -249,7 +258,13 @@ def execute(cfg: DictConfig, sig: str, tracker: Any, result: RunResult) -> None:
 
         rank_probe = make_rank_probe(model, task, cfg, sink=tracker.log)
         callbacks += [rank_probe] if rank_probe else []
+    info.history = history.history  # filled in place: a failed run keeps its loss history so far
+    keep = cfg.trainer.save_model and hasattr(model, "peft_config")  # initial adapter, to convert later
+    init_dir = save_init_adapter(model, Path(scratch_dir(cfg, sig)) / "init_adapter") if keep else None
     info.wall_seconds = train(model, task, cfg, scratch_dir(cfg, sig), callbacks)
+    if cfg.trainer.save_model:  # loads with plain PEFT on the original base (astra.export.export_trained)
+        saved = export_trained(model, tokenizer, cfg, init_dir, Path(scratch_dir(cfg, sig)) / "model")
+        result.run_info.artifacts.update(saved)
     info.history, info.peak_memory_mb = history.history, peak_memory_mb()
     info.rank_probes = rank_probe.records if rank_probe else []
 
@@ -353,7 +368,7 @@ def run_experiment(cfg: DictConfig) -> RunResult | None:
     if claim is None:
         return None
     try:
-        with sigterm_as_exit():
+        with sigterm_as_exit(), run_log(log_path(cfg, sig)):
             return run_claimed(cfg, config, unsigned, sig, path)
     finally:
         claim.release()
@@ -368,16 +383,21 @@ def run_claimed(
                          git_sha=sha, git_dirty=dirty, started_at=now()),
         meta_info=MetaInfo(packages=package_versions(), device=device_name(cfg), hostname=platform.node()),
     )  # fmt: skip
+    result.run_info.log_file = str(log_path(cfg, sig))
     tracker = make_tracker(cfg, sig, config, scratch_dir(cfg, sig))
     try:
         execute(cfg, sig, tracker, result)
         result.run_info.status = "success"
     except BaseException:
         result.run_info.error = traceback.format_exc()
+        log.error("run %s failed:\n%s", sig, result.run_info.error)
         raise
     finally:
         result.run_info.finished_at = now()
+        log.info("status %s: %s", result.run_info.status, path)
         store.write_result(path, result)
+        if result.ok and not cfg.trainer.keep_checkpoints:  # the result is written: nothing to resume
+            remove_checkpoints(scratch_dir(cfg, sig))
         tracker.finish(exit_code=0 if result.ok else 1)
         print(f"[astra] {result.run_info.status}: {path} (pid {os.getpid()})")
     return result

@@ -16,6 +16,7 @@ import hydra
 from omegaconf import DictConfig
 
 from astra.pipeline import CONF_DIR, compose_config, load_registry, run_experiment
+from astra.validate import check_group_choices
 
 __all__ = ["compose_config", "main", "run_experiment"]  # re-exported for callers not yet on astra.pipeline
 
@@ -27,6 +28,10 @@ def hydra_main(cfg: DictConfig) -> None:
 
 def main() -> None:
     load_registry()  # schemas must be in the ConfigStore before Hydra composes
+    try:
+        check_group_choices(sys.argv[1:], CONF_DIR)  # Hydra's own message omits nested options (glue/*)
+    except ValueError as err:
+        sys.exit(f"astra-run: {err}")
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
     sys.exit(hydra_main())
 

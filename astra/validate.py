@@ -148,3 +148,28 @@ def eval_readers(task: Any) -> list[Any]:
     if hasattr(task, "test_file"):
         return []  # commonsense sets are read by their own loader at evaluation (lm-eval YAMLs)
     return [lambda n=n: task.eval_records(n) for n in names]
+
+
+# --- config group choices ------------------------------------------------------------------------------
+def group_options(conf_dir: Path, group: str) -> list[str]:
+    """Every option of config group `group`, nested folders included ('glue/mrpc', 'metamath', ...)."""
+    root = conf_dir / group
+    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
+
+
+def check_group_choices(overrides: list[str], conf_dir: Path) -> None:
+    """Refuse `group=option` overrides naming no file of conf/<group>/, listing every option of the
+    group including nested ones (Hydra lists only the top level: `task=glue/nope` showed no GLUE task)."""
+    for override in overrides:
+        group, sep, value = override.partition("=")
+        group = group.lstrip("+~")
+        plain = sep and not any(c in group for c in ".@") and not any(c in value for c in "()[]{}$")
+        if not plain or group.startswith("hydra") or not (conf_dir / group).is_dir():
+            continue  # a field override, Hydra's own groups (launchers), or sweep syntax: Hydra checks those
+        options = group_options(conf_dir, group)
+        for choice in value.split(","):  # multirun: a,b,c
+            if choice and choice != "null" and choice not in options:
+                raise ConfigValidationError(
+                    f"{group}={choice}: no such option{nearest(choice, options)}; options of {group!r}: "
+                    f"{', '.join(options)}"
+                )
