@@ -10,6 +10,7 @@ process uses the winner's (verified) entry.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -18,7 +19,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 log = logging.getLogger("astra.artifacts")
@@ -133,3 +134,44 @@ def verified_folder(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+# --- the run's log -------------------------------------------------------------------------------------
+STEP_LOG = logging.getLogger("astra.steps")
+
+
+def log_step(row: dict) -> None:
+    """One optimisation step in the run log (HistoryCallback sink): step, loss, grad-norm, lr."""
+    STEP_LOG.info("step %s " + " ".join(f"{k}={v:.6g}" for k, v in row.items() if k != "step"), row.get("step"))
+
+
+def sinks(*targets: Callable[[dict], None]) -> Callable[[dict], None]:
+    """One sink that feeds each of `targets` (the run log and the tracker)."""
+
+    def feed(row: dict) -> None:
+        for target in targets:
+            target(row)
+
+    return feed
+
+
+@contextlib.contextmanager
+def run_log(path: str | Path) -> Iterator[Path]:
+    """Everything the `astra.*` loggers say during the block (INFO and up) also goes to the file `path`:
+    the init summary, every step's loss (`log_step`), warnings, the final status and the traceback."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [%(name)s] %(message)s"))
+    handler.setLevel(logging.INFO)
+    logger = logging.getLogger("astra")
+    level = logger.level
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        yield path
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        handler.close()

@@ -103,6 +103,71 @@ def convert_to_lora(trained: Any, output_dir: str | Path, init_adapter_dir: str 
     return out
 
 
+def save_init_adapter(peft_model: Any, out: str | Path) -> Path:
+    """The adapter as initialised (before training), for `export_trained`'s conversion; the model is kept."""
+    config = peft_model.peft_config["default"]
+    config.init_lora_weights = True  # loading must not re-initialise (the release does the same)
+    peft_model.save_pretrained(out)
+    return Path(out)
+
+
+def base_changed(peft_model: Any, original: torch.nn.Module) -> bool:
+    """Whether the init rewrote any adapted layer's frozen weight (W_res != W: PiSSA, Astra, ...)."""
+    from peft.tuners.lora import LoraLayer
+
+    weights = dict(original.named_parameters())
+    for name, module in peft_model.get_base_model().named_modules():
+        if isinstance(module, LoraLayer):
+            base = module.get_base_layer().weight
+            if not torch.equal(base.detach().cpu(), weights[f"{name}.weight"].detach().to(base.dtype).cpu()):
+                return True
+    return False
+
+
+def original_base(cfg: DictConfig, original: torch.nn.Module, tokenizer: Any, out: Path) -> str:
+    """What `base_model_name_or_path` must name: the original model's Hub id or folder; a random (test)
+    model, which exists nowhere on disk, is saved to `out/base` first."""
+    from astra.models import resolve_model_dir
+
+    if cfg.model.source != "random":
+        return resolve_model_dir(cfg.model, cfg.paths.cache_dir)
+    original.save_pretrained(out / "base")
+    tokenizer.save_pretrained(out / "base")
+    return str(out / "base")
+
+
+def export_trained(
+    peft_model: Any, tokenizer: Any, cfg: DictConfig, init_adapter_dir: str | Path, out: str | Path
+) -> dict[str, str]:
+    """Save a trained run so that plain PEFT loads it correctly: `out/adapter` is a LoRA on the ORIGINAL
+    base model (its `base_model_name_or_path`). When the init rewrote the base weights (W_res), the adapter
+    is converted (rank 2r, `convert_to_lora`), so no loader ever puts it on the wrong base. A run without
+    adapters (full fine-tuning) saves the whole model to `out/model`. Returns {name: path}.
+
+    Load: `PeftModel.from_pretrained(AutoModelFor...from_pretrained(<base_model>), <adapter>)`.
+    """
+    from astra.models import load_model
+
+    out = Path(out)
+    if not hasattr(peft_model, "peft_config"):
+        peft_model.save_pretrained(out / "model")
+        tokenizer.save_pretrained(out / "model")
+        return {"model": str(out / "model")}
+    original, _, _ = load_model(cfg.model, cfg.task, cfg.paths.cache_dir, seed=cfg.seed)  # as the run did
+    base = original_base(cfg, original, tokenizer, out)
+    adapter = out / "adapter"
+    if base_changed(peft_model, original):
+        convert_to_lora(peft_model, adapter, init_adapter_dir)
+    else:
+        peft_model.save_pretrained(adapter)
+    config_path = adapter / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["base_model_name_or_path"] = base
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
+    tokenizer.save_pretrained(adapter)
+    return {"adapter": str(adapter), "base_model": base}
+
+
 def split_argv(argv: list[str]) -> tuple[str, list[str]]:
     """(output_dir, Hydra overrides) from `key=value` arguments."""
     if any(a in ("-h", "--help") for a in argv):

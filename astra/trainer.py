@@ -265,7 +265,6 @@ def train(model: torch.nn.Module, task: Task, cfg: Any, output_dir: str, callbac
     if resume is not None:
         log.warning("resuming from %s", resume)
     output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    if cfg.trainer.save_model:
-        trainer.save_model(output_dir)
+    # trainer.save_model: the pipeline exports the run for plain PEFT (astra.export.export_trained)
     runtime = output.metrics.get("train_runtime", math.nan)
     return float(runtime)
