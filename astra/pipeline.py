@@ -46,7 +46,7 @@ from astra.models import CONF_DIR, REPO_ROOT, load_model
 from astra.results import EvalInfo, MetaInfo, RunInfo, RunResult
 from astra.tracking import make_tracker
 from astra.trainer import HistoryCallback, PeriodicEvalCallback, batch_loss, count_parameters, train
-from astra.validate import check_adapter_targets, check_results_dir, check_task_data
+from astra.validate import check_adapter_targets, check_group_choices, check_results_dir, check_task_data
 
 log = logging.getLogger("astra")
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "hydra-core", "wandb", "lm-eval")
@@ -67,6 +67,7 @@ def compose_config(overrides: list[str] | None = None) -> DictConfig:
     from hydra.core.global_hydra import GlobalHydra
 
     load_registry()
+    check_group_choices(list(overrides or []), CONF_DIR)  # lists nested options (glue/*) on a typo
     if GlobalHydra.instance().is_initialized():  # inside `astra-run` (hydra.main): the same conf/ tree
         return compose(config_name="config", overrides=list(overrides or []))
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
