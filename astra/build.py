@@ -40,6 +40,7 @@ from peft.tuners.tuners_utils import check_target_module_exists
 from torch import nn
 
 from astra.common import PEFT_PREFIX
+from astra.guards import check_finite_init
 from astra.methods import BuildContext, BuildReport, InitMethod, LayerSpec, LoraInit, Reduced
 
 ADAPTER = "default"
@@ -96,6 +97,7 @@ def build_lora(model: nn.Module, method: InitMethod, ctx: BuildContext, report: 
         with timed(report, "init"):
             init = method.init(layer.get_base_layer().weight, stats, spec)
             if init is not None:
+                check_finite_init(name, init)  # a NaN eigenvector must fail the build, not train
                 apply_init(layer, init)
         report.layers[name] = {"rank": spec.rank, **(init.info if init is not None else {})}
         del stats

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 from transformers import TrainerCallback
@@ -97,3 +98,13 @@ def check_finite_metrics(metrics: Mapping[str, float]) -> None:
     bad = {k: v for k, v in metrics.items() if not (isinstance(v, int | float) and math.isfinite(v))}
     if bad:
         raise NonFiniteError(f"non-finite metrics {bad}: the run cannot be a success")
+
+
+def check_finite_init(layer: str, init: Any) -> None:
+    """Fail the build when a method's init factors (A, B, residual) of `layer` hold NaN/inf, naming both."""
+    tensors = [(key, getattr(init, key, None)) for key in ("A", "B", "residual")]
+    bad = first_non_finite(tensors)
+    if bad is not None:
+        raise NonFiniteError(
+            f"init of layer {layer!r}: factor {bad} holds NaN/inf (non-finite eigenvalues or statistics?)"
+        )
