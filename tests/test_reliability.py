@@ -101,22 +101,36 @@ def test_astra_on_a_model_with_huge_weights_fails_naming_the_layer_and_caches_no
     def poisoned(*args, **kwargs):
         model, tokenizer, model_id = real_load(*args, **kwargs)
         with torch.no_grad():
-            layer = model.bert.encoder.layer[0].attention.self.value
-            layer.weight[:3, :3] = 1e30  # a few huge weights: fp32 statistics overflow to inf
+            layer = model.bert.encoder.layer[0].attention.self.query
+            layer.weight[:3, :3] = 1e30  # a few huge weights: the loss stays finite (softmax saturates), y y^T overflows
         return model, tokenizer, model_id + "-poisoned"
 
     monkeypatch.setattr(pipeline, "load_model", poisoned)
     cache = tmp_path / "cache"
-    with pytest.raises(Exception, match="(?i)non-?finite|nan|inf"):
+    query = "bert.encoder.layer.0.attention.self.query"
+    with pytest.raises(FloatingPointError, match=rf"non-finite statistics .* in layer '{query}'"):
         run_experiment(compose([*TINY, "method=astra", f"paths.cache_dir={cache}"]))
-    result = failed_with(tmp_path, "")
-    assert "layer" in result.run_info.error or "weight" in result.run_info.error
-    tensors = [p for p in cache.rglob("*") if p.is_file() and p.suffix in {".pt", ".safetensors", ".npy"}]
-    for path in tensors:  # whatever was cached for other layers holds only finite numbers
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    assert failed_with(tmp_path, "NonFiniteStatisticsError").train_info.history == []
+    assert not [p for p in cache.rglob("*") if p.is_file()]  # nothing cached under a valid checksum
 
-            assert all(torch.isfinite(t).all() for t in load_file(path).values() if t.is_floating_point())
+
+def test_non_finite_init_factors_fail_the_build_naming_the_layer(compose, tmp_path, monkeypatch):
+    from astra.methods import LoraInit, get_method, load_methods
+
+    load_methods()
+    cls = type(get_method("pissa"))
+    real_init = cls.init
+
+    def nan_init(self, weight, stats, spec):
+        init = real_init(self, weight, stats, spec)
+        if spec.name.endswith("layer.1.attention.self.key"):
+            init = LoraInit(A=init.A, B=torch.full_like(init.B, float("nan")), residual=init.residual)
+        return init
+
+    monkeypatch.setattr(cls, "init", nan_init)
+    with pytest.raises(NonFiniteError, match=r"init of layer '.*layer\.1\.attention\.self\.key': factor B"):
+        run_experiment(compose([*TINY, "method=pissa"]))
+    failed_with(tmp_path, "NonFiniteError")
 
 
 # --- 2. up-front validation ----------------------------------------------------------------------------
