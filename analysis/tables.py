@@ -37,7 +37,7 @@ from analysis.store import (
     runs_by_view,
 )
 from astra.erank import MODULE_ORDER, by_module_type
-from astra.results import RunResult
+from astra.results import RunResult, scan_runs
 
 
 @dataclass(frozen=True)
@@ -495,15 +495,21 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--out", default=None, help="writes <out>/tables and <out>/figures (default: results dir)"
     )
     parser.add_argument("--smooth", type=float, default=0.0, help="EMA weight in [0, 1) for the curves")
+    parser.add_argument("--allow-bad", action="store_true", help="unreadable result files: warn, exit 0")
     args = parser.parse_args(argv)
     results_dir = Path(args.results_dir)
     if not results_dir.exists():
         sys.exit(f"no results store at {results_dir.resolve()} (set --results-dir or ASTRA_RESULTS_DIR)")
+    _, bad = scan_runs(results_dir)  # files the tables leave out: named here, and the exit code says so
+    if bad:
+        print(f"{len(bad)} result file(s) could not be read or verified:", *bad, sep="\n  ", file=sys.stderr)
     written = regenerate(results_dir, Path(args.out or results_dir), smooth=args.smooth)
     if not written:
         sys.exit(f"no results under {results_dir.resolve()}: run a sweep first (e.g. `make demo`)")
     for path in written:
         print(path)
+    if bad and not args.allow_bad:
+        sys.exit(1)  # tables silently missing runs must not look like a clean regeneration (--allow-bad)
 
 
 if __name__ == "__main__":

@@ -120,13 +120,14 @@ def format_status(sweep: str, runs: Sequence[ExpectedRun], unexpected: Sequence[
     return "\n".join(lines)
 
 
-def status(sweep: str, extra: Sequence[str] = ()) -> int:
-    """Print the sweep's status; the exit code is 1 when a config is invalid or a result unreadable."""
+def status(sweep: str, extra: Sequence[str] = (), allow_bad: bool = False) -> int:
+    """Print the sweep's status; the exit code is 1 when a config is invalid or a result unreadable
+    (`allow_bad`: an unreadable result is only reported)."""
     runs = expected_runs(sweep, extra)
     results_dir = next((r.path.parent.parent for r in runs if r.path is not None), None)
     unexpected = unexpected_markers(results_dir, sweep, runs) if results_dir else []
     print(format_status(sweep, runs, unexpected))
-    bad = any(r.state == "invalid" or r.detail.startswith("unreadable") for r in runs)
+    bad = any(r.state == "invalid" or (r.detail.startswith("unreadable") and not allow_bad) for r in runs)
     return 1 if bad else 0
 
 
@@ -138,11 +139,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     p_status.add_argument(
         "overrides", nargs="*", help="extra overrides, as given to astra-run (may sweep: a=1,2)"
     )
+    p_status.add_argument("--allow-bad", action="store_true", help="unreadable results: report, exit 0")
     p_migrate = sub.add_parser("migrate", help="move schema-1 results into runs/ + views/")
     p_migrate.add_argument("results_dir", nargs="?", default=None, help="default: paths.results_dir")
     args = parser.parse_args(argv)
     if args.command == "status":
-        sys.exit(status(args.sweep, args.overrides))
+        sys.exit(status(args.sweep, args.overrides, allow_bad=args.allow_bad))
     if args.results_dir is None:
         from astra.pipeline import compose_config
 
