@@ -107,3 +107,78 @@ def test_converted_model_cache_is_verified_and_rebuilt(tmp_path, monkeypatch, ca
     with caplog.at_level(logging.WARNING, logger="astra.artifacts"):
         assert models.convert_gguf(gguf, tmp_path / "cache") == first
     assert len(calls) == 2 and f"converted model {first}" in caplog.text
+
+
+# --- trained runs saved for plain PEFT ------------------------------------------------------------------
+LOAD_WITH_PLAIN_PEFT = """
+import json, sys, torch
+from peft import PeftConfig, PeftModel
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+adapter, head, ids = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+base_path = PeftConfig.from_pretrained(adapter).base_model_name_or_path
+cls = AutoModelForSequenceClassification if head == "seq_cls" else AutoModelForCausalLM
+model = PeftModel.from_pretrained(cls.from_pretrained(base_path), adapter).eval()
+with torch.no_grad():
+    print(json.dumps(model(input_ids=torch.tensor(ids)).logits.tolist()))
+"""
+
+
+def trained_model_of(monkeypatch) -> dict:  # noqa: ANN001
+    """Captures the model the pipeline trains (the object the result was evaluated with)."""
+    import astra.pipeline as pipeline
+
+    seen: dict = {}
+    real = pipeline.train
+
+    def spy(model, *args, **kwargs):  # noqa: ANN001, ANN202
+        seen["model"] = model
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "train", spy)
+    return seen
+
+
+@pytest.mark.parametrize(
+    "overrides, converted",
+    [
+        (["debug=tiny", "method=lora"], False),  # W untouched: the adapter as trained
+        (["debug=tiny", "method=pissa"], True),  # W_res = W - B0 A0: converted to rank 2r on W
+        (["debug=tiny", "method=astra"], True),
+        (["debug=tiny_llama", "method=astra", "eval.limit=1", "task.max_length=512"], True),  # causal LM
+    ],
+    ids=["lora", "pissa", "astra", "astra-llama"],
+)
+def test_saved_model_loads_with_plain_peft_in_a_fresh_process(compose, monkeypatch, overrides, converted):
+    import json
+    import subprocess
+    import sys
+
+    import torch
+
+    from astra.models import eval_mode
+
+    seen = trained_model_of(monkeypatch)
+    from astra.pipeline import run_experiment
+
+    cfg = compose([*overrides, "trainer.save_model=true", "trainer.lr=5e-3"])
+    result = run_experiment(cfg)
+    artifacts = result.run_info.artifacts
+    adapter = Path(artifacts["adapter"])
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == artifacts["base_model"]
+    assert "site-packages" not in config["base_model_name_or_path"]  # the random base is saved with the run
+    assert config["r"] == (2 * cfg.method.rank if converted else cfg.method.rank)
+    ids = torch.randint(5, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    model = seen["model"]
+    with eval_mode(model), torch.no_grad():
+        expected = model(input_ids=ids).logits
+    # the adapter really moved the model away from the base (the check below is not trivially true)
+    with eval_mode(model), torch.no_grad(), model.disable_adapter():
+        assert not torch.allclose(model(input_ids=ids).logits, expected, atol=1e-4)
+    out = subprocess.run(
+        [sys.executable, "-c", LOAD_WITH_PLAIN_PEFT, str(adapter), str(cfg.task.head), json.dumps(ids.tolist())],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = torch.tensor(json.loads(out.stdout.strip().splitlines()[-1]))
+    torch.testing.assert_close(got, expected.float(), atol=1e-4, rtol=1e-4)
