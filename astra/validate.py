@@ -157,16 +157,26 @@ def group_options(conf_dir: Path, group: str) -> list[str]:
     return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
 
 
+def search_dirs(overrides: list[str], conf_dir: Path) -> list[Path]:
+    """`conf_dir` and the `file://` folders a `hydra.searchpath=[...]` override adds (a user's own configs)."""
+    extra = [
+        o.partition("=")[2].strip("[]") for o in overrides if o.lstrip("+").startswith("hydra.searchpath=")
+    ]
+    entries = [e.strip().strip("'\"") for value in extra for e in value.split(",")]
+    return [conf_dir, *(Path(e.removeprefix("file://")) for e in entries if e.startswith("file://"))]
+
+
 def check_group_choices(overrides: list[str], conf_dir: Path) -> None:
-    """Refuse `group=option` overrides naming no file of conf/<group>/, listing every option of the
-    group including nested ones (Hydra lists only the top level: `task=glue/nope` showed no GLUE task)."""
+    """Refuse `group=option` overrides naming no file of conf/<group>/ (or of a search-path folder), listing
+    every option of the group including nested ones (Hydra lists only the top level)."""
+    dirs = search_dirs(overrides, conf_dir)
     for override in overrides:
         group, sep, value = override.partition("=")
         group = group.lstrip("+~")
         plain = sep and not any(c in group for c in ".@") and not any(c in value for c in "()[]{}$")
         if not plain or group.startswith("hydra") or not (conf_dir / group).is_dir():
             continue  # a field override, Hydra's own groups (launchers), or sweep syntax: Hydra checks those
-        options = group_options(conf_dir, group)
+        options = sorted({o for d in dirs if (d / group).is_dir() for o in group_options(d, group)})
         for choice in value.split(","):  # multirun: a,b,c
             if choice and choice != "null" and choice not in options:
                 raise ConfigValidationError(

@@ -87,11 +87,9 @@ def test_each_method_yaml_composes_to_its_registered_name(name):
 # --- the lists derived from the registry ------------------------------------------------------------------
 def sweep_method_axis(path: Path) -> list[str] | None:
     """The methods a sweep file expands to (None: the sweep has no method axis), resolved as Hydra would."""
-    raw = OmegaConf.load(path)
-    params = OmegaConf.select(raw, "hydra.sweeper.params", default=None)
-    if params is None or "method" not in params:
+    value = OmegaConf.select(OmegaConf.load(path), "hydra.sweeper.params.method", default=None)
+    if value is None:
         return None
-    value = OmegaConf.to_container(params, resolve=True)["method"]
     return [m.strip() for m in str(value).split(",") if m.strip()]
 
 
