@@ -142,7 +142,9 @@ STEP_LOG = logging.getLogger("astra.steps")
 
 def log_step(row: dict) -> None:
     """One optimisation step in the run log (HistoryCallback sink): step, loss, grad-norm, lr."""
-    STEP_LOG.info("step %s " + " ".join(f"{k}={v:.6g}" for k, v in row.items() if k != "step"), row.get("step"))
+    STEP_LOG.info(
+        "step %s " + " ".join(f"{k}={v:.6g}" for k, v in row.items() if k != "step"), row.get("step")
+    )
 
 
 def sinks(*targets: Callable[[dict], None]) -> Callable[[dict], None]:

@@ -97,12 +97,15 @@ def test_converted_model_cache_is_verified_and_rebuilt(tmp_path, monkeypatch, ca
     import astra.artifacts as artifacts
 
     real = artifacts.verified_folder
-    def fake(target, build, required, what):  # noqa: ANN001, ANN202 (the real conversion is an integration test)
+
+    def fake(target, build, required, what):  # noqa: ANN001, ANN202 (no real GGUF here)
         return real(target, fake_build(calls), required, what)
 
     monkeypatch.setattr(artifacts, "verified_folder", fake)  # convert_gguf imports it at call time
     first = models.convert_gguf(gguf, tmp_path / "cache")
-    assert first.parent == tmp_path / "cache" / "models" and problem(first, models.CONVERTED_MODEL_FILES) is None
+    assert (
+        first.parent == tmp_path / "cache" / "models" and problem(first, models.CONVERTED_MODEL_FILES) is None
+    )
     (first / "model.safetensors").write_bytes(b"\0" * (256 * 64))
     with caplog.at_level(logging.WARNING, logger="astra.artifacts"):
         assert models.convert_gguf(gguf, tmp_path / "cache") == first
@@ -176,7 +179,8 @@ def test_saved_model_loads_with_plain_peft_in_a_fresh_process(compose, monkeypat
     with eval_mode(model), torch.no_grad(), model.disable_adapter():
         assert not torch.allclose(model(input_ids=ids).logits, expected, atol=1e-4)
     out = subprocess.run(
-        [sys.executable, "-c", LOAD_WITH_PLAIN_PEFT, str(adapter), str(cfg.task.head), json.dumps(ids.tolist())],
+        [sys.executable, "-c", LOAD_WITH_PLAIN_PEFT, str(adapter), str(cfg.task.head),
+         json.dumps(ids.tolist())],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]

@@ -79,7 +79,10 @@ def test_checkpoints_kept_when_asked(compose):
 
 def test_save_every_and_keep_checkpoints_are_not_in_the_signature(compose):
     plain = run_identity(compose(["debug=tiny"]))[2]
-    assert run_identity(compose(["debug=tiny", "trainer.save_every=3", "trainer.keep_checkpoints=true"]))[2] == plain
+    assert (
+        run_identity(compose(["debug=tiny", "trainer.save_every=3", "trainer.keep_checkpoints=true"]))[2]
+        == plain
+    )
 
 
 def test_unsealed_or_damaged_checkpoint_is_not_resumed(compose, tmp_path, caplog):
