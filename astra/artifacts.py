@@ -177,3 +177,23 @@ def run_log(path: str | Path) -> Iterator[Path]:
         logger.removeHandler(handler)
         logger.setLevel(level)
         handler.close()
+
+
+# --- per-sample evaluation outputs -----------------------------------------------------------------------
+def save_samples(samples: list[dict] | None, path: str | Path) -> Path | None:
+    """Write per-sample outputs (set, id, generation, answer, gold, correct) as JSON lines, atomically."""
+    if not samples:
+        return None
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in samples:
+            f.write(json.dumps(row, default=str) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def samples_path(results_dir: str | Path, sig: str) -> Path:
+    """Where the per-sample outputs of run `sig` live: `<results_dir>/samples/<sig>.jsonl`."""
+    return Path(results_dir) / "samples" / f"{sig}.jsonl"

@@ -149,6 +149,8 @@ def export_trained(
     from astra.models import load_model
 
     out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)  # the run's config, for `python -m astra.evaluate_only <out>`
+    (out / "run_config.json").write_text(json.dumps(OmegaConf.to_container(cfg, resolve=True), indent=1))
     if not hasattr(peft_model, "peft_config"):
         peft_model.save_pretrained(out / "model")
         tokenizer.save_pretrained(out / "model")

@@ -33,7 +33,14 @@ from astra.data import DataFileError, Example, MissingDataError, Task, hub_split
 from astra.evaluate import commonsense as cs
 from astra.evaluate.code_eval import score_completions
 from astra.evaluate.generation import GenerationStats, generate
-from astra.evaluate.math_eval import gsm8k_correct, gsm8k_gold, gsm8k_to_metamath, math_correct
+from astra.evaluate.math_eval import (
+    gsm8k_correct,
+    gsm8k_gold,
+    gsm8k_prediction,
+    gsm8k_to_metamath,
+    math_correct,
+    math_prediction,
+)
 from astra.results import MetricKind
 
 log = logging.getLogger("astra.nlg")
@@ -226,6 +233,17 @@ class InstructionTask(Task):
     def evaluate_set(self, name: str, model: torch.nn.Module, eval_cfg: Any) -> dict[str, float]:
         raise NotImplementedError
 
+    def record_samples(self, name: str, rows: list[Example], completions: list[list[str]], answers: list[Any],
+                       golds: list[Any], correct: list[bool]) -> None:  # fmt: skip
+        """Per-sample outputs of evaluation set `name` into `self.samples` (the pipeline saves them next to
+        the result, astra.artifacts.save_samples): prompt id, generation, extracted answer, gold, correct."""
+        samples = self.__dict__.setdefault("samples", [])
+        columns = zip(rows, completions, answers, golds, correct, strict=True)
+        for i, (row, comp, answer, gold, ok) in enumerate(columns):
+            ident = next((row[k] for k in ("task_id", "unique_id", "id", "idx") if k in row), i)
+            samples.append({"set": name, "id": str(ident), "generation": comp[0] if len(comp) == 1 else comp,
+                            "answer": answer, "gold": gold, "correct": bool(ok)})  # fmt: skip
+
 
 def _limit(rows: list[Example], eval_cfg: Any) -> list[Example]:
     return rows[: eval_cfg.limit] if eval_cfg.limit else rows
@@ -262,6 +280,8 @@ class MathTask(InstructionTask):
         texts = [prompts.metamath_eval_prompt(q) for q in questions]
         completions = self.complete(name, model, texts, eval_cfg, METAMATH_STOP)
         hits = [correct(c[0], g) for c, g in zip(completions, golds, strict=True)]
+        extract = gsm8k_prediction if name == "gsm8k" else math_prediction
+        self.record_samples(name, rows, completions, [extract(c[0]) for c in completions], golds, hits)
         return {f"{name}/accuracy": float(np.mean(hits)) if hits else 0.0, f"{name}/n": float(len(hits))}
 
 
@@ -291,8 +311,11 @@ class CodeTask(InstructionTask):
             instructions = [prompts.mbpp_instruction(r["text"], r["test_list"]) for r in rows]
         texts = [prompts.alpaca_prompt(i, style=self.cfg.prompt_style) for i in instructions]
         completions = self.complete(name, model, texts, eval_cfg, CODE_STOP, n=eval_cfg.num_samples)
-        metrics, _ = score_completions(name, rows, completions, ks=eval_cfg.pass_k, workers=eval_cfg.workers,
-                                       timeout_s=eval_cfg.timeout_s, memory_mb=eval_cfg.memory_mb)  # fmt: skip
+        metrics, runs = score_completions(name, rows, completions, ks=eval_cfg.pass_k, workers=eval_cfg.workers,
+                                          timeout_s=eval_cfg.timeout_s,
+                                          memory_mb=eval_cfg.memory_mb)  # fmt: skip
+        passed = [[bool(x.passed) for x in r] for r in runs]  # per sample; "correct": the first one passed
+        self.record_samples(name, rows, completions, passed, [None] * len(rows), [p[0] for p in passed])
         return {**{f"{name}/{k}": v for k, v in metrics.items()}, f"{name}/n": float(len(rows))}
 
 
@@ -348,4 +371,8 @@ class CommonsenseTask(InstructionTask):
         ]
         completions = self.complete(name, model, texts, eval_cfg, COMMONSENSE_STOP)
         acc = cs.generation_accuracy(name, [c[0] for c in completions], [r["answer"] for r in rows])
+        labels = [cs.extract_label(name, c[0]) for c in completions]
+        golds = [r["answer"].strip() for r in rows]
+        hits = [a == g for a, g in zip(labels, golds, strict=True)]
+        self.record_samples(f"gen/{name}", rows, completions, labels, golds, hits)
         return {f"gen/{name}/accuracy": acc, f"gen/{name}/n": float(len(rows))}

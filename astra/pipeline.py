@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 
 from astra import config as schemas
 from astra import results as store
-from astra.artifacts import log_step, run_log, sinks
+from astra.artifacts import log_step, run_log, samples_path, save_samples, sinks
 from astra.build import build_trainable
 from astra.checkpoint import remove_checkpoints
 from astra.common import sha256_file
@@ -269,7 +269,11 @@ def execute(cfg: DictConfig, sig: str, tracker: Any, result: RunResult) -> None:
     info.rank_probes = rank_probe.records if rank_probe else []
 
     check_finite_weights(model)  # never evaluate (and record) a model with NaN/inf weights
+    task.__dict__.pop("samples", None)  # per-sample outputs of the final evaluation only (not periodic ones)
     metrics = task.evaluate(model, cfg.eval)
+    saved = save_samples(task.__dict__.get("samples"), samples_path(cfg.paths.results_dir, sig))
+    if saved:  # generation tasks: prompt id, generation, extracted answer, gold, correct; next to the result
+        result.run_info.artifacts["samples"] = str(saved)
     check_finite_metrics(metrics)
     specs = task.metric_specs(metrics)
     if forgetting is not None:  # causal LMs: held-out loss after training minus the base model's
