@@ -31,7 +31,9 @@ def only_result(tmp_path: Path):
 
 def failed_with(tmp_path: Path, pattern: str):
     result = only_result(tmp_path)
-    assert result.run_info.status == "failed" and pattern in result.run_info.error, result.run_info.error[-800:]
+    assert result.run_info.status == "failed" and pattern in result.run_info.error, result.run_info.error[
+        -800:
+    ]
     return result
 
 
@@ -52,7 +54,9 @@ def test_fp16_model_fails_instead_of_recording_a_nan_success(compose, tmp_path):
         assert result.run_info.status == "failed"
         return
     # when fp16 happens to stay finite on this tiny model, the success must be fully finite
-    assert all(math.isfinite(r["loss"]) and math.isfinite(r.get("grad_norm", 0.0)) for r in result.train_info.history)
+    assert all(
+        math.isfinite(r["loss"]) and math.isfinite(r.get("grad_norm", 0.0)) for r in result.train_info.history
+    )
     assert all(math.isfinite(v) for v in result.eval_info.metrics.values())
 
 
@@ -93,7 +97,9 @@ def test_non_finite_step0_loss_fails_the_run(compose, tmp_path, monkeypatch):
     assert failed_with(tmp_path, "before training").train_info.history == []
 
 
-def test_astra_on_a_model_with_huge_weights_fails_naming_the_layer_and_caches_nothing(compose, tmp_path, monkeypatch):
+def test_astra_on_a_model_with_huge_weights_fails_naming_the_layer_and_caches_nothing(
+    compose, tmp_path, monkeypatch
+):
     import astra.pipeline as pipeline
 
     real_load = pipeline.load_model
@@ -102,7 +108,9 @@ def test_astra_on_a_model_with_huge_weights_fails_naming_the_layer_and_caches_no
         model, tokenizer, model_id = real_load(*args, **kwargs)
         with torch.no_grad():
             layer = model.bert.encoder.layer[0].attention.self.query
-            layer.weight[:3, :3] = 1e30  # a few huge weights: the loss stays finite (softmax saturates), y y^T overflows
+            layer.weight[:3, :3] = (
+                1e30  # a few huge weights: the loss stays finite (softmax saturates), y y^T overflows
+            )
         return model, tokenizer, model_id + "-poisoned"
 
     monkeypatch.setattr(pipeline, "load_model", poisoned)
@@ -146,10 +154,14 @@ def test_target_module_typo_lists_layers_and_suggests_the_nearest(compose, tmp_p
 
 @pytest.mark.parametrize("method", ["lora", "pissa", "astra", "lora_ga"])
 @pytest.mark.parametrize("rank", [0, -1, 100000])
-def test_rank_out_of_range_is_named_method_rank_before_any_statistics(compose, tmp_path, method, rank, monkeypatch):
+def test_rank_out_of_range_is_named_method_rank_before_any_statistics(
+    compose, tmp_path, method, rank, monkeypatch
+):
     import astra.pipeline as pipeline
 
-    monkeypatch.setattr(pipeline, "build_task", lambda *a, **k: pytest.fail("data read before the rank check"))
+    monkeypatch.setattr(
+        pipeline, "build_task", lambda *a, **k: pytest.fail("data read before the rank check")
+    )
     with pytest.raises(ConfigValidationError, match=rf"method\.rank={rank} must lie in 1\.\.32"):
         run_experiment(compose([*TINY, f"method={method}", f"method.rank={rank}"]))
 
@@ -164,11 +176,10 @@ def test_unwritable_results_dir_and_results_path_that_is_a_file_fail_at_start(tm
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o500)
-    try:
-        if os.access(locked, os.W_OK):  # root ignores permissions
-            pytest.skip("running as root: permissions are not enforced")
+    try:  # root ignores permission bits: /proc refuses every new directory whoever asks
+        target = Path("/proc/astra-results") if os.access(locked, os.W_OK) else locked / "results"
         with pytest.raises(ConfigValidationError, match="not writable"):
-            check_results_dir(locked / "results")
+            check_results_dir(target)
     finally:
         locked.chmod(0o700)
     check_results_dir(tmp_path / "fresh" / "results")
@@ -185,7 +196,9 @@ def test_results_path_that_is_a_file_fails_before_the_model_loads(compose, tmp_p
 
 
 def test_metamath_truncation_that_masks_every_label_fails(compose, tmp_path):
-    with pytest.raises(ConfigValidationError, match=r"no label token left after truncation to task.max_length=64"):
+    with pytest.raises(
+        ConfigValidationError, match=r"no label token left after truncation to task.max_length=64"
+    ):
         run_experiment(compose([*TINY_LLAMA, "method=lora", "task.max_length=64"]))
     assert failed_with(tmp_path, "max_unlabelled_fraction").train_info.history == []
 
@@ -224,9 +237,18 @@ def mrpc_lines(root: Path, split: str = "train") -> tuple[Path, list[str]]:
 @pytest.mark.parametrize(
     ("edit", "pattern"),
     [
-        (lambda lines: [lines[0], *lines[1:3], lines[3].rsplit("\t", 1)[0], *lines[4:]], r":4: no value for column"),
-        (lambda lines: [lines[0], lines[1], "x\t" + lines[2].split("\t", 1)[1], *lines[3:]], r":3: column 'Quality'"),
-        (lambda lines: [lines[0], "7\t" + lines[1].split("\t", 1)[1], *lines[2:]], r":2: .*label '7' outside"),
+        (
+            lambda lines: [lines[0], *lines[1:3], lines[3].rsplit("\t", 1)[0], *lines[4:]],
+            r":4: no value for column",
+        ),
+        (
+            lambda lines: [lines[0], lines[1], "x\t" + lines[2].split("\t", 1)[1], *lines[3:]],
+            r":3: column 'Quality'",
+        ),
+        (
+            lambda lines: [lines[0], "7\t" + lines[1].split("\t", 1)[1], *lines[2:]],
+            r":2: .*label '7' outside",
+        ),
         (lambda lines: [], r"empty file"),
         (lambda lines: [lines[0]], r"only a header"),
     ],
@@ -273,3 +295,73 @@ def test_truncated_jsonl_and_bad_gzip_name_file_and_line(tmp_path):
     empty.write_text("\n")
     with pytest.raises(DataFileError, match=rf"{empty}: empty file"):
         read_records(empty)
+
+
+# --- 4. a store that verifies what it reads ------------------------------------------------------------
+@pytest.fixture
+def store_with_bad_files(compose, tmp_path):
+    """A store with one good run and four bad files: metric as a string, config edited after the run,
+    a truncated file, a result filed under another signature."""
+    good = run_experiment(compose([*TINY, "method=lora"]))
+    runs = tmp_path / "results" / "runs"
+    path = runs / f"{good.run_info.signature}.json"
+    data = json.loads(path.read_text())
+    bad = {}
+    edited = json.loads(json.dumps(data))
+    edited["eval_info"]["metrics"]["accuracy"] = "0.9"
+    bad["metric-string"] = edited
+    edited = json.loads(json.dumps(data))
+    edited["run_info"]["config"]["trainer"]["lr"] = 1.0
+    bad["config-edited"] = edited
+    for name, content in bad.items():
+        (runs / f"{name}.json").write_text(json.dumps(content))
+    (runs / "truncated.json").write_text(path.read_text()[:200])
+    (runs / "000000000000.json").write_text(path.read_text())  # right content, wrong name
+    return tmp_path / "results", path
+
+
+def test_result_files_are_world_readable(store_with_bad_files):
+    _, path = store_with_bad_files
+    assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_store_names_every_bad_file_and_keeps_the_good_one(store_with_bad_files):
+    from astra.results import StoreError, load_runs, scan_runs
+
+    results, good = store_with_bad_files
+    runs, problems = scan_runs(results)
+    assert [r.run_info.signature for r in runs] == [good.stem]
+    text = "\n".join(problems)
+    for name in ("metric-string", "config-edited", "truncated", "000000000000"):
+        assert f"{name}.json" in text
+    assert "is not a number" in text and "hashes to" in text and "not 000000000000" in text
+    with pytest.raises(StoreError, match="truncated.json"):
+        load_runs(results)
+
+
+def test_tables_exit_non_zero_on_bad_files_unless_allowed(store_with_bad_files, tmp_path, capsys):
+    from analysis.tables import main
+
+    results, _ = store_with_bad_files
+    with pytest.raises(SystemExit) as exit_:
+        main(["--results-dir", str(results), "--out", str(tmp_path / "report")])
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    assert "4 result file(s) could not be read" in err and "config-edited.json" in err
+    main(["--results-dir", str(results), "--out", str(tmp_path / "report2"), "--allow-bad"])  # warns only
+    assert "truncated.json" in capsys.readouterr().err
+    assert (tmp_path / "report2" / "tables" / "index.md").exists()
+
+
+def test_status_exit_code_on_unreadable_result_and_allow_bad(tmp_path, monkeypatch, capsys):
+    import astra.sweeps as sweeps
+
+    path = tmp_path / "runs" / "abcdefabcdef.json"
+    path.parent.mkdir()
+    path.write_text("{")
+    run = sweeps.ExpectedRun(["method=lora"], "abcdefabcdef", path)
+    run.state, run.detail = sweeps.run_state(tmp_path, "abcdefabcdef", 60.0)
+    assert run.detail.startswith("unreadable") and "abcdefabcdef.json" in run.detail
+    monkeypatch.setattr(sweeps, "expected_runs", lambda sweep, extra: [run])
+    assert sweeps.status("mini_glue") == 1
+    assert sweeps.status("mini_glue", allow_bad=True) == 0
