@@ -60,6 +60,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from astra import distributed
 from astra.models import eval_mode, model_device
 
 log = logging.getLogger("astra.stats")
@@ -461,6 +462,7 @@ class Collector:
         for name in names:
             group = self.group_of[name]
             acc = self.accs[group]
+            distributed.reduce_accumulator(acc)  # sharded calibration (torchrun): the global sums
             yield name, self._layer_stats(name, acc)
             if name == group[-1]:
                 del self.accs[group]  # the group is complete: free its sums
@@ -604,6 +606,9 @@ def collect_statistics(
     function-preserving inits into blocks already yielded."""
     kind, engine = StatKind(kind), Engine(engine)
     if kind == StatKind.none:
+        return
+    if distributed.shards(batches):  # torchrun: each rank calibrates on its share, the sums are all-reduced
+        yield from distributed.sharded_stream(collect_statistics, model, targets, kind, batches, options, engine)
         return
     if kind == StatKind.grad:
         yield from gradient_statistics(model, targets, batches, options)
