@@ -148,6 +148,19 @@ class IfClaimed(StrEnum):
     wait = "wait"  # poll until the claim is released or stale, then skip (done) or run (holder failed)
 
 
+class DataParallel(StrEnum):
+    """Engine of a multi-process run (`torchrun`/`accelerate launch`; astra.distributed, docs/scaleout.md)."""
+
+    ddp = "ddp"  # torch DistributedDataParallel
+    fsdp = "fsdp"  # torch FSDP (full shard)
+    deepspeed = "deepspeed"  # DeepSpeed ZeRO-2, no offload (the authors' configs/ds_config_zero2_no_offload.json)
+
+
+class EvalBackend(StrEnum):
+    hf = "hf"  # transformers `generate` (astra.evaluate.generation)
+    vllm = "vllm"  # vLLM on the merged model, same prompts/stops/extraction (`pip install .[vllm]`, GPU)
+
+
 # --- schemas ------------------------------------------------------------------------------------------
 @dataclass
 class ModelConfig:
@@ -287,6 +300,9 @@ class TrainerConfig:
     # added); empty = no probes. Probes only read the model: they cannot change the result.
     rank_probe_steps: list[int] = not_in_signature(default_factory=list)
     rank_probe_samples: int = not_in_signature(32)  # training examples the covariance probe uses
+    # multi-process engine: all three are data parallel over the same global batch (`batch_size`, split
+    # across ranks), i.e. the same optimisation up to the order of floating-point sums: not signed
+    distributed: DataParallel = not_in_signature(DataParallel.ddp)
 
 
 @dataclass
@@ -301,6 +317,7 @@ class EvalConfig:
     pass_k: list[int] = field(default_factory=lambda: [1])
     memory_mb: int = 1024  # sandbox address-space limit per program
     workers: int = not_in_signature(2)  # sandbox programs run in parallel
+    backend: EvalBackend = EvalBackend.hf  # generation engine; signed: vLLM's kernels may change outputs
 
 
 @dataclass

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from astra import distributed
 from astra.checkpoint import CheckpointSealer, ResumeHistory, checkpoint_arguments, last_checkpoint
 from astra.data import Task
 from astra.models import eval_mode, model_device
@@ -98,7 +99,7 @@ def training_arguments(cfg: Any, output_dir: str) -> TrainingArguments:
         learning_rate=lr,
         num_train_epochs=t.epochs,
         max_steps=t.max_steps,
-        per_device_train_batch_size=t.batch_size,
+        per_device_train_batch_size=distributed.per_device_batch(t.batch_size),  # batch_size: global
         per_device_eval_batch_size=t.eval_batch_size,
         gradient_accumulation_steps=t.grad_accum,
         warmup_steps=t.warmup_ratio,  # float < 1: a ratio of the total steps (transformers >= 5)
@@ -119,6 +120,7 @@ def training_arguments(cfg: Any, output_dir: str) -> TrainingArguments:
         remove_unused_columns=False,
         gradient_checkpointing=use_gradient_checkpointing(cfg),
         gradient_checkpointing_kwargs={"use_reentrant": False},  # no input-grad hook needed under PEFT
+        **distributed.trainer_arguments(t.get("distributed", "ddp"), use_gradient_checkpointing(cfg)),
     )
 
 
