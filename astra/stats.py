@@ -720,7 +720,7 @@ def loss_weights(batch: dict[str, torch.Tensor], size: int) -> list[tuple[slice,
         counts = torch.ones(n, dtype=torch.float64)
     total = float(counts.sum())
     if total == 0:
-        raise ValueError("a gradient calibration batch has no labelled token")
+        return []  # no labelled token (e.g. a response cut by seq_len): its mean loss is 0/0
     return [(slice(i, i + size), float(counts[i : i + size].sum()) / total) for i in range(0, n, size)]
 
 
@@ -754,9 +754,12 @@ def gradient_statistics(
             t.weight.requires_grad_(True)
             handles.append(t.weight.register_post_accumulate_grad_hook(hook))
         with torch.enable_grad(), eval_mode(model):
+            used = 0
             for index, batch in enumerate(tqdm(batches, desc="calibration gradients", leave=False)):
                 size = options.grad_micro_batch or batch["input_ids"].shape[0]
-                for part, weight in loss_weights(batch, size):
+                parts = loss_weights(batch, size)
+                used += bool(parts)
+                for part, weight in parts:
                     if weight == 0:
                         continue  # no labelled token: its mean loss is 0/0 and weighs nothing
                     micro = {k: v[part].to(device) for k, v in batch.items()}
@@ -769,12 +772,20 @@ def gradient_statistics(
         for n, p in model.named_parameters():
             p.requires_grad_(requires[n])
             p.grad = None
+    if used == 0:
+        raise ValueError(
+            "no gradient calibration batch has a labelled token (calib.seq_len cuts every response?)"
+        )
+    if used < len(batches):
+        log.warning("gradient statistics: %d of %d calibration batches have no labelled token (PEFT's "
+                    "preprocess_loraga would take a NaN loss from them); averaged over the other %d",
+                    len(batches) - used, len(batches), used)  # fmt: skip
     samples = sum(int(b["input_ids"].shape[0]) for b in batches)
     tokens = sum(
         int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in batches
     )
     for name in list(sums):
-        grad = sums.pop(name) / len(batches)
+        grad = sums.pop(name) / used
         check_finite(name, grad, len(batches) - 1, "gradient")
         yield name, LayerStats(name, "grad", grad.to(targets[name].weight.dtype), tokens, samples)
 

@@ -464,6 +464,22 @@ def test_gradients_need_labels():
         list(collect_statistics(model, block_targets(model), "grad", batches, StatOptions()))
 
 
+def test_gradient_batches_without_labelled_tokens_are_left_out(caplog):
+    """A batch whose labels are all -100 (a response cut by seq_len) has no loss: it is left out of the
+    average (with a warning) instead of poisoning it with 0/0; with none left it is an error."""
+    model, batches = tiny_llama().double(), token_batches(causal=True)
+    targets = block_targets(model)
+    reference = dict(collect_statistics(model, targets, "grad", batches[1:], StatOptions()))
+    batches[0]["labels"] = torch.full_like(batches[0]["labels"], -100)
+    with caplog.at_level(logging.WARNING, logger="astra.stats"):
+        got = dict(collect_statistics(model, targets, "grad", batches, StatOptions()))
+    assert "1 of 4 calibration batches have no labelled token" in caplog.text
+    for name in targets:
+        assert close(got[name].matrix, reference[name].matrix, 1e-12), name
+    with pytest.raises(ValueError, match="no gradient calibration batch"):
+        list(collect_statistics(model, targets, "grad", batches[:1], StatOptions()))
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("model_name", ["minilm", "smollm2-135m"])
 def test_embedded_models_sequential_equals_forward(model_name):
