@@ -31,6 +31,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from astra import config as schemas
+from astra import distributed
 from astra import results as store
 from astra.artifacts import log_step, run_log, samples_path, save_samples, sinks
 from astra.build import build_trainable
@@ -44,9 +45,15 @@ from astra.guards import NonFiniteGuard, check_finite_loss, check_finite_metrics
 from astra.methods import BuildContext, InitMethod, get_method, load_methods
 from astra.models import CONF_DIR, REPO_ROOT, load_model
 from astra.results import EvalInfo, MetaInfo, RunInfo, RunResult
-from astra.tracking import make_tracker
+from astra.tracking import NullTracker, make_tracker
 from astra.trainer import HistoryCallback, PeriodicEvalCallback, batch_loss, count_parameters, train
-from astra.validate import check_adapter_targets, check_group_choices, check_results_dir, check_task_data
+from astra.validate import (
+    check_adapter_targets,
+    check_generation_length,
+    check_group_choices,
+    check_results_dir,
+    check_task_data,
+)
 
 log = logging.getLogger("astra")
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "hydra-core", "wandb", "lm-eval")
@@ -213,7 +220,8 @@ def scratch_dir(cfg: DictConfig, sig: str) -> str:
 
 def log_path(cfg: DictConfig, sig: str) -> Path:
     """The run's log file (per-step loss, status, traceback); appended to by every attempt."""
-    return Path(scratch_dir(cfg, sig)) / "run.log"
+    name = "run.log" if distributed.is_main() else f"run.rank{distributed.rank()}.log"  # torchrun: per rank
+    return Path(scratch_dir(cfg, sig)) / name
 
 
 def execute(cfg: DictConfig, sig: str, tracker: Any, result: RunResult) -> None:
@@ -235,6 +243,8 @@ def execute(cfg: DictConfig, sig: str, tracker: Any, result: RunResult) -> None:
     model, report = build_trainable(model, method, build_context(cfg, task, model_id))  # the one build path
     info = result.train_info
     info.init_seconds, info.init = report.init_seconds, {"layers": report.layers, **report.extra}
+    if digest := distributed.check_identical_init(model):  # torchrun: every rank holds the same adapter
+        info.init["ranks_sha256"] = digest
     info.step0_loss = batch_loss(model, probe)
     check_finite_loss(f"step-0 loss after the {method.name} init", info.step0_loss)
     warn_if_function_changed(method, info.base_loss, info.step0_loss, cfg.model.dtype)
@@ -259,9 +269,11 @@ def execute(cfg: DictConfig, sig: str, tracker: Any, result: RunResult) -> None:
         rank_probe = make_rank_probe(model, task, cfg, sink=tracker.log)
         callbacks += [rank_probe] if rank_probe else []
     info.history = history.history  # filled in place: a failed run keeps its loss history so far
-    keep = cfg.trainer.save_model and hasattr(model, "peft_config")  # initial adapter, to convert later
+    keep = cfg.trainer.save_model and hasattr(model, "peft_config") and distributed.is_main()  # init adapter
     init_dir = save_init_adapter(model, Path(scratch_dir(cfg, sig)) / "init_adapter") if keep else None
     info.wall_seconds = train(model, task, cfg, scratch_dir(cfg, sig), callbacks)
+    if not distributed.is_main():  # torchrun: rank 0 alone exports, evaluates and records
+        return
     if cfg.trainer.save_model:  # loads with plain PEFT on the original base (astra.export.export_trained)
         saved = export_trained(model, tokenizer, cfg, init_dir, Path(scratch_dir(cfg, sig)) / "model")
         result.run_info.artifacts.update(saved)
@@ -362,20 +374,23 @@ def run_experiment(cfg: DictConfig) -> RunResult | None:
     """Run one configured experiment and write its result JSON; None when it was done or is running
     elsewhere (claimed by a live process)."""
     load_registry()
+    distributed.setup()  # torchrun / accelerate launch: join the process group
     config, unsigned, sig = schemas.run_identity(cfg)
     results_dir = cfg.paths.results_dir
     check_results_dir(results_dir)  # a run that cannot record its result must not start
+    check_generation_length(cfg)
     migrate_store(results_dir)
     store.mark_view(results_dir, cfg.sweep.name, sig)  # also checks that the store is writable, early
     path = store.run_path(results_dir, sig)
-    claim = acquire(cfg, sig, path)
-    if claim is None:
+    claim, go = distributed.main_decides(acquire, cfg, sig, path)  # rank 0 decides, every rank follows
+    if not go:
         return None
     try:
         with sigterm_as_exit(), run_log(log_path(cfg, sig)):
             return run_claimed(cfg, config, unsigned, sig, path)
     finally:
-        claim.release()
+        if claim is not None:  # held by rank 0
+            claim.release()
 
 
 def run_claimed(
@@ -388,6 +403,9 @@ def run_claimed(
         meta_info=MetaInfo(packages=package_versions(), device=device_name(cfg), hostname=platform.node()),
     )  # fmt: skip
     result.run_info.log_file = str(log_path(cfg, sig))
+    if not distributed.is_main():  # other ranks train and exit; a failure here stops rank 0 (failed)
+        execute(cfg, sig, NullTracker(), result)
+        return result
     tracker = make_tracker(cfg, sig, config, scratch_dir(cfg, sig))
     try:
         execute(cfg, sig, tracker, result)

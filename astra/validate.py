@@ -183,3 +183,19 @@ def check_group_choices(overrides: list[str], conf_dir: Path) -> None:
                     f"{group}={choice}: no such option{nearest(choice, options)}; options of {group!r}: "
                     f"{', '.join(options)}"
                 )
+
+
+# --- settings that would have no effect --------------------------------------------------------------
+def check_generation_length(cfg: Any) -> None:
+    """`eval.max_new_tokens` set away from its default while the task fixes its own length (metamath: 512)
+    would be silently ignored (the task's value wins, as the paper's scripts define it): refuse it and
+    name the field that does take effect."""
+    from astra.config import EvalConfig
+
+    task_value = cfg.task.get("max_new_tokens")
+    asked = cfg.eval.get("max_new_tokens")
+    if task_value is not None and asked is not None and asked not in (EvalConfig.max_new_tokens, task_value):
+        raise ConfigValidationError(
+            f"eval.max_new_tokens={asked} has no effect on task {cfg.task.name}: its task.max_new_tokens="
+            f"{task_value} wins; set task.max_new_tokens={asked} instead"
+        )

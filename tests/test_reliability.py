@@ -356,3 +356,36 @@ def test_status_exit_code_on_unreadable_result_and_allow_bad(tmp_path, monkeypat
     monkeypatch.setattr(sweeps, "expected_runs", lambda sweep, extra: [run])
     assert sweeps.status("mini_glue") == 1
     assert sweeps.status("mini_glue", allow_bad=True) == 0
+
+
+# --- settings that must take effect --------------------------------------------------------------------
+def test_eval_max_new_tokens_ignored_by_metamath_is_refused(compose, tmp_path, monkeypatch):
+    import astra.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    with pytest.raises(ConfigValidationError, match=r"set task.max_new_tokens=16 instead"):
+        run_experiment(compose([*TINY_LLAMA, "method=lora", "eval.max_new_tokens=16"]))
+
+
+def test_task_max_new_tokens_reaches_generation(compose, monkeypatch):
+    from astra.data import build_task
+    from astra.models import load_model
+
+    cfg = compose([*TINY_LLAMA, "method=lora", "task.max_new_tokens=3"])
+    _, tokenizer, _ = load_model(cfg.model, cfg.task, cfg.paths.cache_dir, seed=0)
+    assert build_task(cfg.task, tokenizer, cfg.paths.data_dir).max_new_tokens(cfg.eval) == 3
+
+
+def test_hydra_logs_go_under_paths_output_dir(tmp_path):
+    import subprocess
+    import sys
+
+    out, results = tmp_path / "out", tmp_path / "res"
+    cmd = [sys.executable, "-m", "astra.run", *TINY, "method=lora", "trainer.max_steps=1",
+           f"paths.output_dir={out}", f"paths.results_dir={results}"]  # fmt: skip
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=os.environ)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert list((out / "hydra").rglob(".hydra/config.yaml")), (
+        "Hydra's run folder is not under paths.output_dir"
+    )
+    assert not (tmp_path / "outputs").exists()
