@@ -47,7 +47,13 @@ from astra.models import CONF_DIR, REPO_ROOT, load_model
 from astra.results import EvalInfo, MetaInfo, RunInfo, RunResult
 from astra.tracking import NullTracker, make_tracker
 from astra.trainer import HistoryCallback, PeriodicEvalCallback, batch_loss, count_parameters, train
-from astra.validate import check_adapter_targets, check_group_choices, check_results_dir, check_task_data
+from astra.validate import (
+    check_adapter_targets,
+    check_generation_length,
+    check_group_choices,
+    check_results_dir,
+    check_task_data,
+)
 
 log = logging.getLogger("astra")
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "hydra-core", "wandb", "lm-eval")
@@ -372,6 +378,7 @@ def run_experiment(cfg: DictConfig) -> RunResult | None:
     config, unsigned, sig = schemas.run_identity(cfg)
     results_dir = cfg.paths.results_dir
     check_results_dir(results_dir)  # a run that cannot record its result must not start
+    check_generation_length(cfg)
     migrate_store(results_dir)
     store.mark_view(results_dir, cfg.sweep.name, sig)  # also checks that the store is writable, early
     path = store.run_path(results_dir, sig)
