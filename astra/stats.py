@@ -784,6 +784,7 @@ def gradient_statistics(
     tokens = sum(
         int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in batches
     )
+    used, samples, tokens = distributed.reduce_gradients(sums, [used, samples, tokens])  # sharded: global sums
     for name in list(sums):
         grad = sums.pop(name) / used
         check_finite(name, grad, len(batches) - 1, "gradient")
