@@ -186,3 +186,59 @@ def test_saved_model_loads_with_plain_peft_in_a_fresh_process(compose, monkeypat
     assert out.returncode == 0, out.stderr[-3000:]
     got = torch.tensor(json.loads(out.stdout.strip().splitlines()[-1]))
     torch.testing.assert_close(got, expected.float(), atol=1e-4, rtol=1e-4)
+
+
+# --- per-sample outputs and the evaluate-only command ----------------------------------------------------
+SCORES = ("accuracy", "/n", "f1")  # throughput metrics differ between runs by nature
+
+
+def scores(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if any(s in k for s in SCORES) and "throughput" not in k}
+
+
+def evaluate_only(*args: str) -> dict:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "astra.evaluate_only", *args], capture_output=True, text=True,
+                         timeout=600, env=os.environ)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    text = out.stdout[out.stdout.index("\n{") + 1 :]  # after any banner line
+    return json.loads(text[: text.rindex("}") + 1])
+
+
+def test_generation_samples_saved_and_evaluate_only_rescores_the_run(compose):
+    import json
+
+    from astra.pipeline import run_experiment
+
+    cfg = compose(["debug=tiny_llama", "method=astra", "task.max_length=512", "eval.limit=3",
+                   "trainer.save_model=true"])  # fmt: skip
+    result = run_experiment(cfg)
+    rows = [json.loads(line) for line in Path(result.run_info.artifacts["samples"]).read_text().splitlines()]
+    assert Path(result.run_info.artifacts["samples"]).parent == Path(cfg.paths.results_dir) / "samples"
+    assert len(rows) == 3 * len(cfg.task.eval_sets)  # final evaluation only, every evaluated prompt once
+    assert {"set", "id", "generation", "answer", "gold", "correct"} <= set(rows[0])
+    for name in cfg.task.eval_sets:  # the saved per-sample verdicts are the metric
+        hits = [r["correct"] for r in rows if r["set"] == name]
+        assert sum(hits) / len(hits) == pytest.approx(result.eval_info.metrics[f"{name}/accuracy"])
+    path = Path(cfg.paths.results_dir) / "runs" / f"{result.run_info.signature}.json"
+    rescored = evaluate_only(str(path))
+    assert scores(rescored) == pytest.approx(scores(result.eval_info.metrics))
+    assert scores(rescored)  # not vacuous
+    folder = Path(result.run_info.artifacts["adapter"]).parent
+    again = [json.loads(x) for x in (folder / "evaluation.samples.jsonl").read_text().splitlines()]
+    assert [r["generation"] for r in again] == [r["generation"] for r in rows]
+
+
+def test_evaluate_only_on_an_export_folder_with_overrides(compose):
+    from astra.pipeline import run_experiment
+
+    result = run_experiment(compose(["debug=tiny", "method=pissa", "trainer.save_model=true", "trainer.lr=5e-3"]))
+    folder = Path(result.run_info.artifacts["adapter"]).parent
+    rescored = evaluate_only(str(folder))
+    assert scores(rescored) == pytest.approx(scores(result.eval_info.metrics))
+    fewer = evaluate_only(str(folder), "eval.limit=8", "--out", str(folder / "limit8.json"))
+    assert fewer["n_eval"] == 8 and (folder / "limit8.json").is_file()
