@@ -76,7 +76,9 @@ def tokenizer_folder(folder: Path) -> Path:
     raise SystemExit(f"{folder}: no saved tokenizer")
 
 
-def evaluate_saved(target: str | Path, overrides: list[str] = ()) -> tuple[dict[str, float], list[dict], Path]:
+def evaluate_saved(
+    target: str | Path, overrides: list[str] = ()
+) -> tuple[dict[str, float], list[dict], Path]:
     """(metrics, per-sample outputs, saved-model folder) of a saved run, re-scored now."""
     from transformers import AutoTokenizer
 

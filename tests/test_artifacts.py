@@ -236,7 +236,9 @@ def test_generation_samples_saved_and_evaluate_only_rescores_the_run(compose):
 def test_evaluate_only_on_an_export_folder_with_overrides(compose):
     from astra.pipeline import run_experiment
 
-    result = run_experiment(compose(["debug=tiny", "method=pissa", "trainer.save_model=true", "trainer.lr=5e-3"]))
+    result = run_experiment(
+        compose(["debug=tiny", "method=pissa", "trainer.save_model=true", "trainer.lr=5e-3"])
+    )
     folder = Path(result.run_info.artifacts["adapter"]).parent
     rescored = evaluate_only(str(folder))
     assert scores(rescored) == pytest.approx(scores(result.eval_info.metrics))
