@@ -65,8 +65,24 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def from_submitit() -> bool:
+    """In a submitit job of several tasks (SLURM `tasks_per_node` > 1, one task per GPU): export the
+    torchrun variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) from submitit's job environment."""
+    tasks = os.environ.get("SLURM_NTASKS") or os.environ.get("SUBMITIT_LOCAL_NTASKS") or "1"
+    if "WORLD_SIZE" in os.environ or int(tasks) < 2:
+        return False
+    try:
+        from submitit.helpers import TorchDistributedEnvironment
+
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)  # LOCAL_RANK picks the GPU
+    except (ImportError, RuntimeError):  # not a submitit job
+        return False
+    return True
+
+
 def setup() -> bool:
     """Join the launcher's process group once (gloo on CPU, nccl with one GPU per local rank)."""
+    from_submitit()
     if not launched() or dist.is_initialized():
         return dist.is_initialized()
     backend = "gloo"
