@@ -179,9 +179,9 @@ def check_group_choices(overrides: list[str], conf_dir: Path) -> None:
         options = sorted({o for d in dirs if (d / group).is_dir() for o in group_options(d, group)})
         for choice in value.split(","):  # multirun: a,b,c
             if choice and choice != "null" and choice not in options:
-                raise ConfigValidationError(
-                    f"{group}={choice}: no such option{nearest(choice, options)}; options of {group!r}: "
-                    f"{', '.join(options)}"
+                raise ConfigValidationError(  # Hydra's wording, with the nested options listed too
+                    f"{group}={choice}: Could not find '{group}/{choice}'{nearest(choice, options)}\n\n"
+                    f"Available options in '{group}':\n\t" + "\n\t".join(options)
                 )
 
 
