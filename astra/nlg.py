@@ -214,6 +214,11 @@ class InstructionTask(Task):
     ) -> list[list[str]]:
         """Generated continuations `[prompt][sample]`, timing kept per evaluation set."""
         stats = self.gen_stats.setdefault(name, GenerationStats())
+        if eval_cfg.get("backend", "hf") == "vllm":  # same prompts, stops and cut on the merged model
+            from astra.vllm_backend import generate_vllm
+
+            return generate_vllm(model, self.tokenizer, texts, max_new_tokens=self.max_new_tokens(eval_cfg),
+                                 stop=stop, num_samples=n, temperature=eval_cfg.temperature, stats=stats)  # fmt: skip
         return generate(model, self.tokenizer, texts, batch_size=eval_cfg.batch_size,
                         max_new_tokens=self.max_new_tokens(eval_cfg), stop=stop, num_samples=n,
                         temperature=eval_cfg.temperature, stats=stats, progress=name)  # fmt: skip

@@ -233,6 +233,8 @@ def execute(cfg: DictConfig, sig: str, tracker: Any, result: RunResult) -> None:
         check_adapter_targets(model, cfg)
     task = build_task(cfg.task, tokenizer, cfg.paths.data_dir, seed=cfg.seed)
     task.check_eval(cfg.eval)
+    if cfg.eval.get("backend", "hf") == "vllm":  # before any training: name the missing extra
+        importlib.import_module("astra.vllm_backend").require_vllm()
     check_task_data(task, cfg.eval)  # every split read and validated before training
     result.meta_info.dataset_used = task.dataset_used
     probe = probe_batch(task)

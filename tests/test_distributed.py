@@ -13,8 +13,10 @@ worker: it builds the init (saved per rank), then runs the pipeline.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -145,6 +147,22 @@ def test_distributed_engine_is_not_signed_backend_is(tmp_path: Path) -> None:
     assert sig([]) != sig(["eval.backend=vllm"])
     with pytest.raises(Exception, match="horovod"):
         compose_config(base + ["trainer.distributed=horovod"])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed here")
+def test_vllm_backend_without_vllm_names_the_extra_before_training(tmp_path: Path) -> None:
+    from astra.pipeline import compose_config, run_experiment
+    from astra.vllm_backend import require_vllm
+
+    with pytest.raises(ImportError, match=re.escape("pip install .[vllm]")):
+        require_vllm()
+    cfg = compose_config(["debug=tiny_llama", "eval.backend=vllm", f"paths.results_dir={tmp_path}/results",
+                          f"paths.output_dir={tmp_path}/out"])  # fmt: skip
+    with pytest.raises(ImportError, match="vllm"):
+        run_experiment(cfg)
+    (failed,) = results(tmp_path / "results")
+    assert failed["run_info"]["status"] == "failed" and "pip install .[vllm]" in failed["run_info"]["error"]
+    assert failed["train_info"]["history"] == []  # refused before any training step
 
 
 if __name__ == "__main__":
