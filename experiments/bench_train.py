@@ -147,7 +147,7 @@ def linear_floor_s(model: torch.nn.Module, reps: int) -> float:
 
 
 def bench_decoding(args: argparse.Namespace) -> dict[str, Any]:
-    """Greedy batch-1 decoding of `decode_tokens` tokens (no early stop) vs the linear-layer floor.
+    """Greedy batch-1 decoding time per token (no early stop, prefill excluded) vs the linear-layer floor.
 
     Both decoders run on the evaluation model (LoRA merged, as `generate` does): the lean greedy loop
     of the evaluation path and `model.generate` (transformers' loop) for comparison.
@@ -159,21 +159,24 @@ def bench_decoding(args: argparse.Namespace) -> dict[str, Any]:
     batch = task.tokenizer(metamath_eval_prompt(question), return_tensors="pt")
     n, pad = args.decode_tokens, task.tokenizer.pad_token_id
 
-    def lean() -> None:
-        greedy_tokens(model, batch["input_ids"], batch["attention_mask"], n, None, pad)  # eos None: n tokens
+    def lean(k: int) -> None:
+        greedy_tokens(model, batch["input_ids"], batch["attention_mask"], k, None, pad)  # eos None: k tokens
 
-    def stock() -> None:
+    def stock(k: int) -> None:
         model.generate(
-            **batch, max_new_tokens=n, min_new_tokens=n, do_sample=False, top_k=None, pad_token_id=pad
+            **batch, max_new_tokens=k, min_new_tokens=k, do_sample=False, top_k=None, pad_token_id=pad
         )
 
+    def seconds(fn: Callable[[int], None], k: int) -> float:
+        start = time.perf_counter()
+        fn(k)
+        return time.perf_counter() - start
+
     with torch.no_grad(), merged_adapters(model):
-        lean(), stock()  # warm-up
-        timings = {}
+        lean(2), stock(2)  # warm-up
+        timings = {}  # per generated token after the first: (t(n) - t(1)) / (n - 1) leaves the prefill out
         for name, fn in (("lean", lean), ("generate", stock)):
-            start = time.perf_counter()
-            fn()
-            timings[name] = (time.perf_counter() - start) / n
+            timings[name] = (seconds(fn, n) - seconds(fn, 1)) / (n - 1)
         floor = linear_floor_s(model, reps=args.floor_reps)
     row = {"new_tokens": n, "decode_ms_per_token": 1e3 * timings["lean"], "tokens_per_s": 1 / timings["lean"],
            "generate_ms_per_token": 1e3 * timings["generate"], "linear_floor_ms": 1e3 * floor,
@@ -216,7 +219,7 @@ def report(args: argparse.Namespace, train: list[dict], decode: dict | None, eva
                   else f"| {r['method']} | failed: {r['error']} | | | | |" for r in train]  # fmt: skip
         lines.append("")
     if decode:
-        lines.append(f"Decoding (batch 1, greedy, {decode['new_tokens']} tokens, prompt included): lean loop "
+        lines.append(f"Decoding (batch 1, greedy, {decode['new_tokens']} tokens, prefill excluded): lean loop "
                      f"{decode['decode_ms_per_token']:.1f} ms/token = {decode['tokens_per_s']:.1f} tokens/s "
                      f"({decode['ratio_to_floor']:.2f}x the floor); model.generate {decode['generate_ms_per_token']:.1f} "
                      f"ms/token ({decode['generate_ratio_to_floor']:.2f}x); linear-layer floor "
