@@ -123,12 +123,19 @@ def per_device_batch(global_batch: int) -> int:
     return global_batch // n
 
 
-def trainer_arguments(engine: str, gradient_checkpointing: bool) -> dict[str, Any]:
-    """Extra `TrainingArguments` of the data-parallel engine (none for DDP or a single process)."""
+def trainer_arguments(engine: str, gradient_checkpointing: bool, fsdp_allowed: bool = False) -> dict[str, Any]:
+    """Extra `TrainingArguments` of the data-parallel engine (none for DDP or a single process).
+    FSDP is refused in the pipeline (`fsdp_allowed`: for callers that gather the parameters themselves)."""
     if world_size() == 1 or engine == Engine.ddp:
         return {}
     if engine == Engine.deepspeed:
         return {"deepspeed": str(DEEPSPEED_ZERO2)}
+    if not fsdp_allowed:  # rank 0 evaluates alone on the model object: FSDP leaves it sharded
+        raise NotImplementedError(
+            "trainer.distributed=fsdp: the pipeline evaluates on rank 0 alone, which needs the full "
+            "parameters that FSDP keeps sharded after training (not gathered yet); use ddp or deepspeed "
+            "(ZeRO-2 keeps full parameters on every rank). See docs/scaleout.md"
+        )
     return {  # FSDP: the Trainer's own integration (accelerate's FullyShardedDataParallelPlugin)
         "fsdp": "full_shard auto_wrap",
         "fsdp_config": {"use_orig_params": True, "sync_module_states": True,
