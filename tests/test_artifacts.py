@@ -244,3 +244,30 @@ def test_evaluate_only_on_an_export_folder_with_overrides(compose):
     assert scores(rescored) == pytest.approx(scores(result.eval_info.metrics))
     fewer = evaluate_only(str(folder), "eval.limit=8", "--out", str(folder / "limit8.json"))
     assert fewer["n_eval"] == 8 and (folder / "limit8.json").is_file()
+
+
+@pytest.mark.integration
+def test_real_gguf_conversion_is_sealed_and_a_corrupted_copy_is_rebuilt(tmp_path, caplog):
+    """The embedded SmolLM2 GGUF: the converted folder is sealed with tokenizer.json required; a copy whose
+    weights were corrupted in place (same size) is reconverted, with a warning, to the same tensors."""
+    import os
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    cfg = models.model_config("smollm2-135m")
+    gguf = models.package_dir(cfg.path) / cfg.gguf_file
+    entry = models.convert_gguf(gguf, os.environ["ASTRA_CACHE_DIR"])  # the session's shared conversion
+    assert problem(entry, models.CONVERTED_MODEL_FILES) is None and (entry / "tokenizer.json").is_file()
+    copy = tmp_path / "cache" / "models" / entry.name
+    shutil.copytree(entry, copy)
+    weights = copy / "model.safetensors"
+    with open(weights, "r+b") as f:  # flip bytes inside the tensor data: loads fine, wrong weights
+        f.seek(weights.stat().st_size // 2)
+        f.write(b"\x7f" * 64)
+    with caplog.at_level(logging.WARNING, logger="astra.artifacts"):
+        assert models.convert_gguf(gguf, tmp_path / "cache") == copy
+    assert f"converted model {copy} failed verification" in caplog.text
+    fresh, reference = load_file(str(weights)), load_file(str(entry / "model.safetensors"))
+    assert fresh.keys() == reference.keys() and all(torch.equal(fresh[k], reference[k]) for k in fresh)
