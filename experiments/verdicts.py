@@ -328,7 +328,7 @@ def render(results_dir: str | Path) -> tuple[str, str]:
         verdict_table(judged),
         "## Forgetting (beyond the paper)\n",
         "As PEFT's MetaMathQA benchmark: mean next-token cross-entropy on held-out general text after training "
-        "minus the base model's before any init (lower is better). Text: the first 256 distinct sentences of "
+        "minus the base model's before any init (lower is better). Text: the first 128 distinct sentences of "
         "GLUE QNLI dev (Wikipedia, from SQuAD contexts; `astra/forgetting.py`), since no Wikipedia dump is "
         "available offline. PEFT's maintainers measured 0.230 for Astra vs 0.050 for LoRA on Llama-3.2-3B.\n",
         forgetting_table(views.get("mini_nlg", [])),
