@@ -194,6 +194,7 @@ def bench_eval(args: argparse.Namespace) -> dict[str, Any]:
     eval_cfg = compose_config([f"eval.limit={args.eval_limit}", f"eval.max_new_tokens={args.eval_max_new_tokens}",
                                *([f"eval.batch_size={args.eval_batch}"] if args.eval_batch else [])]).eval  # fmt: skip
     task.cfg.eval_sets = ["gsm8k"]
+    task.cfg.max_new_tokens = args.eval_max_new_tokens  # the task's own setting wins over eval's otherwise
     start = time.perf_counter()
     metrics = task.evaluate(model, eval_cfg)
     seconds = time.perf_counter() - start
