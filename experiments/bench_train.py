@@ -191,16 +191,18 @@ def bench_decoding(args: argparse.Namespace) -> dict[str, Any]:
 def bench_eval(args: argparse.Namespace) -> dict[str, Any]:
     """GSM8K through the task's `evaluate` at the configured evaluation batch size."""
     cfg, model, task = build_method(args, "lora")
-    eval_cfg = compose_config([f"eval.limit={args.eval_limit}", f"eval.max_new_tokens={args.eval_max_new_tokens}",
+    new_tokens = [f"eval.max_new_tokens={args.eval_max_new_tokens}"] if args.eval_max_new_tokens else []
+    eval_cfg = compose_config([f"eval.limit={args.eval_limit}", *new_tokens,
                                *([f"eval.batch_size={args.eval_batch}"] if args.eval_batch else [])]).eval  # fmt: skip
     task.cfg.eval_sets = ["gsm8k"]
-    task.cfg.max_new_tokens = args.eval_max_new_tokens  # the task's own setting wins over eval's otherwise
+    if args.eval_max_new_tokens:  # the task's own setting (metamath: 512, as MetaMath) wins over eval's
+        task.cfg.max_new_tokens = args.eval_max_new_tokens
     start = time.perf_counter()
     metrics = task.evaluate(model, eval_cfg)
     seconds = time.perf_counter() - start
     row = {"n": int(metrics["gsm8k/n"]), "batch_size": eval_cfg.batch_size, "seconds": seconds,
            "samples_per_s": metrics.get("throughput/gsm8k/samples_per_s", metrics["gsm8k/n"] / seconds),
-           "max_new_tokens": eval_cfg.max_new_tokens}  # fmt: skip
+           "max_new_tokens": task.max_new_tokens(eval_cfg)}  # fmt: skip
     print(f"  gsm8k: {row['n']} problems at batch {row['batch_size']} (max {row['max_new_tokens']} new tokens) "
           f"in {seconds:.1f}s: {row['samples_per_s']:.3f} samples/s", flush=True)  # fmt: skip
     return row
@@ -250,7 +252,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--floor-reps", type=int, default=20)
     p.add_argument("--eval-limit", type=int, default=32)
     p.add_argument("--eval-batch", type=int, default=0, help="0: the configured eval.batch_size")
-    p.add_argument("--eval-max-new-tokens", type=int, default=256)
+    p.add_argument("--eval-max-new-tokens", type=int, default=0, help="0: the task's (metamath: 512)")
     p.add_argument("--skip", nargs="*", default=[], choices=["train", "decode", "eval"])
     p.add_argument("--cache-dir", default=tempfile.mkdtemp(prefix="bench-train-"),
                    help="statistics cache (fresh by default so no method reuses another run's)")  # fmt: skip
