@@ -102,6 +102,10 @@ def decompose(stats: Any, eig_dtype: str = "fp32") -> Eigens:
     else:
         values, vectors = torch.linalg.eigh(_matrix(stats).to(dtype))
         info = {"solver": "eigh", "null_dim": 0}
+    if not bool(torch.isfinite(values).all()):  # never select, initialise or cache from a NaN spectrum
+        raise FloatingPointError(
+            f"non-finite eigenvalues in layer {getattr(stats, 'name', '?')!r} ({eig_dtype})"
+        )
     tokens = getattr(stats, "tokens", 0)
     info.update(spectrum_summary(values))
     info["resolution"] = resolution(values, accum, tokens)

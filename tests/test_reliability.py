@@ -389,3 +389,15 @@ def test_hydra_logs_go_under_paths_output_dir(tmp_path):
         "Hydra's run folder is not under paths.output_dir"
     )
     assert not (tmp_path / "outputs").exists()
+
+
+def test_non_finite_eigenvalues_fail_naming_the_layer():
+    from astra.eigen import decompose
+    from astra.stats import LayerStats
+
+    matrix = torch.eye(4)
+    matrix[0, 0] = float("inf")  # a statistic that slipped past the engine's check
+    stats = LayerStats(name="encoder.layer.0.query", kind="output_cov", matrix=matrix, tokens=8, samples=2)
+    with pytest.raises(FloatingPointError, match=r"non-finite eigenvalues in layer 'encoder.layer.0.query'"):
+        decompose(stats)
+    assert decompose(LayerStats(name="ok", kind="output_cov", matrix=torch.eye(4), tokens=8, samples=2))
