@@ -608,7 +608,9 @@ def collect_statistics(
     if kind == StatKind.none:
         return
     if distributed.shards(batches):  # torchrun: each rank calibrates on its share, the sums are all-reduced
-        yield from distributed.sharded_stream(collect_statistics, model, targets, kind, batches, options, engine)
+        yield from distributed.sharded_stream(
+            collect_statistics, model, targets, kind, batches, options, engine
+        )
         return
     if kind == StatKind.grad:
         yield from gradient_statistics(model, targets, batches, options)
@@ -784,7 +786,9 @@ def gradient_statistics(
     tokens = sum(
         int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in batches
     )
-    used, samples, tokens = distributed.reduce_gradients(sums, [used, samples, tokens])  # sharded: global sums
+    used, samples, tokens = distributed.reduce_gradients(
+        sums, [used, samples, tokens]
+    )  # sharded: global sums
     for name in list(sums):
         grad = sums.pop(name) / used
         check_finite(name, grad, len(batches) - 1, "gradient")
