@@ -123,7 +123,9 @@ def per_device_batch(global_batch: int) -> int:
     return global_batch // n
 
 
-def trainer_arguments(engine: str, gradient_checkpointing: bool, fsdp_allowed: bool = False) -> dict[str, Any]:
+def trainer_arguments(
+    engine: str, gradient_checkpointing: bool, fsdp_allowed: bool = False
+) -> dict[str, Any]:
     """Extra `TrainingArguments` of the data-parallel engine (none for DDP or a single process).
     FSDP is refused in the pipeline (`fsdp_allowed`: for callers that gather the parameters themselves)."""
     if world_size() == 1 or engine == Engine.ddp:
@@ -138,8 +140,11 @@ def trainer_arguments(engine: str, gradient_checkpointing: bool, fsdp_allowed: b
         )
     return {  # FSDP: the Trainer's own integration (accelerate's FullyShardedDataParallelPlugin)
         "fsdp": "full_shard auto_wrap",
-        "fsdp_config": {"use_orig_params": True, "sync_module_states": True,
-                        "activation_checkpointing": gradient_checkpointing},  # fmt: skip
+        "fsdp_config": {
+            "use_orig_params": True,
+            "sync_module_states": True,
+            "activation_checkpointing": gradient_checkpointing,
+        },  # fmt: skip
     }
 
 

@@ -132,7 +132,9 @@ def test_batch_split_and_engine_arguments(monkeypatch: pytest.MonkeyPatch) -> No
         distributed.per_device_batch(6)
     ds = distributed.trainer_arguments("deepspeed", False)["deepspeed"]
     config = json.loads(Path(ds).read_text())
-    assert config["zero_optimization"]["stage"] == 2 and "offload_optimizer" not in config["zero_optimization"]
+    assert (
+        config["zero_optimization"]["stage"] == 2 and "offload_optimizer" not in config["zero_optimization"]
+    )
     assert distributed.trainer_arguments("fsdp", True, fsdp_allowed=True)["fsdp"] == "full_shard auto_wrap"
     with pytest.raises(NotImplementedError, match="use ddp or deepspeed"):
         distributed.trainer_arguments("fsdp", True)

@@ -36,10 +36,6 @@ def test_submitit_local_multirun_one_result_per_job(tmp_path: Path) -> None:
     assert len(list((tmp_path / "results" / "views" / "launch").iterdir())) == 2
     assert len(list((tmp_path / "multirun" / ".submitit").rglob("*_result.pkl"))) == 2  # ran as submitit jobs
 
-    again = astra_run(tmp_path, "method=lora,pissa", "sweep.name=launch")  # the next pass skips both
-    assert again.returncode == 0 and len(results(tmp_path)) == 2
-    assert all(r["run_info"]["started_at"] == s["run_info"]["started_at"] for r, s in zip(results(tmp_path), runs))
-
 
 def test_submitit_job_of_two_tasks_is_one_run_on_two_ranks(tmp_path: Path) -> None:
     proc = astra_run(tmp_path, "method=astra", "hydra.launcher.tasks_per_node=2", "trainer.batch_size=8")
