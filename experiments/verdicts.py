@@ -318,7 +318,7 @@ def render(results_dir: str | Path) -> tuple[str, str]:
         "tasks: they test the paper's claims at this scale only and are **not the paper's numbers** "
         "(the paper-scale sweeps are `conf/sweep/{glue_table1,nlg_math,nlg_code,commonsense,ablation_*}`).\n",
         "## What was run\n",
-        run_table,
+        run_table if views else "No mini sweep has results in the store yet: run them first (see README).\n",
         f"Total wall time: {hms(total)} (sum over runs, start to finish of each run).\n",
         "Training data actually used (offline substitutes are named):\n",
         datasets_used(views),

@@ -92,7 +92,7 @@ def test_mini_sweeps_are_cpu_sized(sweep):
 
 
 def test_mini_comparison_sweeps_have_three_seeds():
-    for sweep in ("mini_glue", "mini_select"):  # mini_nlg: 2 seeds (CPU budget; see its file)
+    for sweep in ("mini_glue", "mini_select", "mini_calib"):  # mini_nlg: 2 seeds (CPU budget; see its file)
         seeds = {int(o.split("=")[1]) for job in expand(sweep) for o in job if o.startswith("seed=")}
         assert len(seeds) >= 3, sweep
 
