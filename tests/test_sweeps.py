@@ -111,3 +111,18 @@ def test_paper_scale_sweep_dry_runs_with_cfg_job():
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     assert "accum_dtype: model" in out.stdout and "'n': 256" in out.stdout  # YAML quotes the key n
+
+
+def test_mini_ablations_share_their_default_runs_with_mini_glue():
+    """Content-addressed runs: Astra at N = 64 (mini_calib) and with tail selection (mini_select) is
+    mini_glue's Astra run, so each is computed once."""
+
+    def signature(sweep: str, *overrides: str) -> str:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return run_identity(compose(config_name="config", overrides=[f"sweep={sweep}", *overrides]))[2]
+
+    load_registry()
+    glue = signature("mini_glue", "method=astra", "seed=1")
+    assert signature("mini_calib", "method=astra", "calib.n=64", "seed=1") == glue
+    assert signature("mini_select", "method=astra", "method.select=tail", "seed=1") == glue
+    assert signature("mini_calib", "method=astra", "calib.n=8", "seed=1") != glue
