@@ -40,7 +40,7 @@ reproduce them up to rounding, so a second run after the init could only add rou
 remove a difference (pinned by `tests/test_stats.py::test_consumer_writes_do_not_change_later_statistics`,
 where the consumer even zeroes each block's weights). `forward` hooks all targets at once on full
 model forwards. Targets outside the blocks (pooler, classifier) and models whose blocks cannot run
-in isolation (per-layer attention kinds, a failing block call) use `forward`, automatically and logged.
+in isolation (per-layer attention kinds, encoder-decoder) use `forward`, automatically and logged.
 
 Non-finite values raise `NonFiniteStatisticsError` naming the layer and the calibration batch; an
 accumulator is checked once per batch (d^2, not per token: NaN/inf propagate into the sums).
