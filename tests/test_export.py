@@ -10,7 +10,8 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from astra.export import convert_to_lora, load_init, main, save_init, split_argv
+from astra.export import convert_to_lora, load_init, save_init
+from astra.init_cli import main, split_argv
 from astra.models import load_model
 from tests.conftest import requires_data
 from tests.test_astra_init import CACHE, build
@@ -81,7 +82,7 @@ def test_export_does_not_import_the_cli_module():
     import ast
     from pathlib import Path
 
-    tree = ast.parse(Path(__file__).resolve().parents[1].joinpath("astra/export.py").read_text())
+    tree = ast.parse(Path(__file__).resolve().parents[1].joinpath("astra/init_cli.py").read_text())
     imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     assert "astra.run" not in imported and "astra.build" in imported

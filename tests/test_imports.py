@@ -219,7 +219,7 @@ ENTRY_POINTS = {
     "astra.pipeline",
     CLI,
     "astra.sweeps",
-    "astra.export",
+    "astra.init_cli",
     "astra.evaluate_only",
 }  # compose and run
 # what sits above the models layer: methods, statistics, tasks, the trainer, and the entry points
