@@ -26,7 +26,7 @@ RTOL, ATOL = 2e-4, 1e-6
 STEPS = 4
 BERT = ["model=tiny-bert", "task=glue/mrpc", "task.train_limit=32", "trainer.batch_size=8", "eval.limit=8"]
 LLAMA = ["model=tiny-llama", "task=metamath", "task.train_source=local", "task.train_limit=12", "task.max_length=128",
-         "task.eval_sets=[gsm8k]", "trainer.batch_size=4", "eval.limit=1", "eval.max_new_tokens=4"]  # fmt: skip
+         "task.eval_sets=[gsm8k]", "trainer.batch_size=4", "eval.limit=1", "task.max_new_tokens=4"]  # fmt: skip
 COMMON = [
     f"trainer.max_steps={STEPS}",
     "trainer.lr=1e-2",

@@ -167,7 +167,8 @@ def test_integration_gate(pytester, monkeypatch, ci, real_data, outcome):
         real.mkdir()
     monkeypatch.setenv("CI", ci)
     monkeypatch.setenv("ASTRA_REAL_DATA_DIR", str(real))
-    monkeypatch.setenv("PYTHONPATH", str(REPO_ROOT))
+    inherited = os.environ.get("PYTHONPATH")  # the inner run sees the packages this one sees
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO_ROOT), *([inherited] if inherited else [])]))
     pytester.makeconftest(INNER_CONFTEST)
     pytester.makepyfile(test_inner=INNER_TESTS)
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rs")
