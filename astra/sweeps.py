@@ -17,6 +17,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from astra import results as store
 from astra.config import run_identity
@@ -39,8 +40,12 @@ def sweep_files() -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / "sweep").glob("*.yaml"))
 
 
-def expand(sweep: str, extra: Sequence[str] = ()) -> list[list[str]]:
-    """Override lists of every run of the sweep: params of the sweep file x `extra` sweeps, in Hydra's order."""
+def expand(sweep: str, extra: Sequence[str] = (), compose_overrides: Sequence[str] = ()) -> list[list[str]]:
+    """Override lists of every run of the sweep: params of the sweep file x `extra` sweeps, in Hydra's order.
+
+    `glob(*)` axes (e.g. `method: glob(*)`, every method of the config group = the registry) are expanded
+    against the config tree (plus any `hydra.searchpath` in `compose_overrides`), as Hydra's multirun does.
+    """
     from hydra import compose, initialize_config_dir
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -49,11 +54,24 @@ def expand(sweep: str, extra: Sequence[str] = ()) -> list[list[str]]:
         raise SystemExit(f"unknown sweep {sweep!r}; valid: {', '.join(sweep_files())} (files in conf/sweep/)")
     load_registry()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[f"sweep={sweep}"], return_hydra_config=True)
-    params = cfg.hydra.sweeper.get("params") or {}
-    lines = [f"{key}={value}" for key, value in params.items()] + list(extra)
-    batches = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(lines), None)
+        overrides = [f"sweep={sweep}", *compose_overrides]
+        cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+        params = cfg.hydra.sweeper.get("params") or {}
+        lines = [f"{key}={value}" for key, value in params.items()] + list(extra)
+        parser = OverridesParser.create(config_loader=group_loader(cfg.hydra.searchpath))
+        batches = BasicSweeper.split_arguments(parser.parse_overrides(lines), None)
     return [job for batch in batches for job in batch]
+
+
+def group_loader(searchpath: Sequence[str]) -> Any:
+    """A config loader over conf/ plus `hydra.searchpath`, which lists the options a `glob(*)` matches."""
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra._internal.utils import create_config_search_path
+
+    path = create_config_search_path(str(CONF_DIR))
+    for extra in searchpath:
+        path.append("searchpath", extra)
+    return ConfigLoaderImpl(config_search_path=path)
 
 
 def expected_runs(sweep: str, extra: Sequence[str] = ()) -> list[ExpectedRun]:

@@ -85,12 +85,17 @@ def test_each_method_yaml_composes_to_its_registered_name(name):
 
 
 # --- the lists derived from the registry ------------------------------------------------------------------
+SEARCHPATH: list[str] = []  # extra config folders (the toy method's), seen by `glob(*)` axes as by Hydra
+
+
 def sweep_method_axis(path: Path) -> list[str] | None:
     """The methods a sweep file expands to (None: the sweep has no method axis), resolved as Hydra would."""
-    value = OmegaConf.select(OmegaConf.load(path), "hydra.sweeper.params.method", default=None)
-    if value is None:
+    from astra.sweeps import expand
+
+    if OmegaConf.select(OmegaConf.load(path), "hydra.sweeper.params.method", default=None) is None:
         return None
-    return [m.strip() for m in str(value).split(",") if m.strip()]
+    jobs = expand(path.stem, compose_overrides=SEARCHPATH)
+    return sorted({o.split("=", 1)[1] for job in jobs for o in job if o.startswith("method=")})
 
 
 def claims_all_methods(path: Path) -> bool:
@@ -165,7 +170,9 @@ def toy_method(tmp_path, monkeypatch):
     (module_dir / f"{TOY}.py").write_text(textwrap.dedent(TOY_MODULE))
     (conf_dir / "method" / f"{TOY}.yaml").write_text(textwrap.dedent(TOY_YAML))
     monkeypatch.setattr(baselines, "__path__", [*baselines.__path__, str(module_dir)])
-    yield f"hydra.searchpath=[file://{conf_dir}]"
+    searchpath = f"hydra.searchpath=[file://{conf_dir}]"
+    monkeypatch.setattr(sys.modules[__name__], "SEARCHPATH", [searchpath])
+    yield searchpath
     import astra.methods
 
     astra.methods._REGISTRY.pop(TOY, None)  # leave the registry as the real tree defines it
