@@ -118,6 +118,6 @@ def run_overrides(tmp_path: Path) -> list[str]:
 @pytest.fixture
 def compose(run_overrides: list[str]):
     """compose(["model=tiny-bert", ...]) -> the run config, isolated to the test's tmp folder."""
-    from astra.run import compose_config
+    from astra.pipeline import compose_config
 
     return lambda overrides=(): compose_config(run_overrides + list(overrides))

@@ -92,7 +92,7 @@ def test_code_release_max_length_padding_and_drop_last(llama_tok):
 @requires_data
 def test_glue_pairs_and_class_labels(bert_tok):
     from astra.data import build_task
-    from astra.run import compose_config
+    from astra.pipeline import compose_config
 
     cfg = compose_config(["model=tiny-bert", "task=glue/mrpc"])
     task = build_task(cfg.task, bert_tok, cfg.paths.data_dir)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from astra.run import run_experiment
+from astra.pipeline import run_experiment
 from tests.conftest import DATA_DIR, requires_data
 
 pytestmark = [pytest.mark.integration, requires_data]
