@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import json
 import logging
 import os
@@ -22,22 +21,16 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
+from astra.common import sha256_file
+
 log = logging.getLogger("astra.artifacts")
 MANIFEST = "astra_manifest.json"
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 @functools.cache
 def _cached_sha256(path: str, size: int, mtime_ns: int) -> str:
     """sha256 of a file computed once per (size, mtime) in this process (a 540 MB model: ~1.5 s)."""
-    return file_sha256(path)
+    return sha256_file(path)
 
 
 def folder_files(folder: Path) -> list[str]:
@@ -62,7 +55,7 @@ def seal(folder: str | Path, required: Iterable[str] = ()) -> dict[str, dict]:
     files = {}
     for rel in folder_files(folder):
         path = folder / rel
-        files[rel] = {"sha256": file_sha256(path), "size": path.stat().st_size}
+        files[rel] = {"sha256": sha256_file(path), "size": path.stat().st_size}
     _write_json_atomic(folder / MANIFEST, {"files": files, "required": sorted(required)})
     return files
 

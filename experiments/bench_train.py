@@ -19,12 +19,10 @@ from __future__ import annotations
 import argparse
 import platform
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
-import psutil
 import torch
 
 from astra.data import build_task
@@ -34,28 +32,7 @@ from astra.models import load_model
 from astra.pipeline import build_context, compose_config
 from astra.prompts import metamath_eval_prompt
 from astra.trainer import causal_lm_loss, causal_lm_parts, return_freed_memory, use_gradient_checkpointing
-
-
-class PeakRSS:
-    """Peak resident memory above the level at entry, sampled by a background thread (MiB)."""
-
-    def __enter__(self) -> PeakRSS:
-        self.proc, self.stop = psutil.Process(), threading.Event()
-        self.base = self.peak = self.proc.memory_info().rss
-        self.thread = threading.Thread(target=self.sample, daemon=True)
-        self.thread.start()
-        return self
-
-    def sample(self) -> None:
-        while not self.stop.is_set():
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            time.sleep(0.002)
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join()
-        self.mib = (self.peak - self.base) / 2**20
-        self.peak_gib = self.peak / 2**30
+from experiments.bench_init import PeakRSS
 
 
 def build_method(args: argparse.Namespace, method: str) -> tuple[Any, Any, Any]:
@@ -124,10 +101,11 @@ def bench_training(args: argparse.Namespace, methods: list[str]) -> list[dict[st
                 step()
                 times.append(time.perf_counter() - start)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        rows.append({"method": method, "step_s": min(times),  # min: the least disturbed by other processes "peak_extra_mib": mem.mib,
-                     "peak_rss_gib": mem.peak_gib, "trainable": trainable})  # fmt: skip
-        print(f"  {method:<11} step {rows[-1]['step_s']:.3f}s  peak +{mem.mib:.0f} MiB "
-              f"(RSS {mem.peak_gib:.2f} GiB)  trainable {trainable}", flush=True)  # fmt: skip
+        # min: the step least disturbed by other processes
+        rows.append({"method": method, "step_s": min(times), "peak_extra_mib": mem.extra_mib,
+                     "peak_rss_gib": mem.peak_mib / 1024, "trainable": trainable})  # fmt: skip
+        print(f"  {method:<11} step {rows[-1]['step_s']:.3f}s  peak +{mem.extra_mib:.0f} MiB "
+              f"(RSS {mem.peak_mib / 1024:.2f} GiB)  trainable {trainable}", flush=True)  # fmt: skip
         del model, step
     return rows
 
