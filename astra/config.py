@@ -153,7 +153,7 @@ class DataParallel(StrEnum):
 
     ddp = "ddp"  # torch DistributedDataParallel
     fsdp = "fsdp"  # torch FSDP (full shard)
-    deepspeed = "deepspeed"  # DeepSpeed ZeRO-2, no offload (the authors' configs/ds_config_zero2_no_offload.json)
+    deepspeed = "deepspeed"  # ZeRO-2, no offload (authors' configs/ds_config_zero2_no_offload.json)
 
 
 class EvalBackend(StrEnum):
@@ -286,7 +286,8 @@ class TrainerConfig:
     optim: Optimizer = Optimizer.adamw_torch  # type: ignore[valid-type]
     eval_every: int = 0  # 0: evaluate at the end only
     bf16: bool = False
-    # None: on for causal LMs (memory), off for classification; exact (recomputed with the same RNG state)
+    # None: on for causal LMs (memory), off for classification; exact (recomputed with the same RNG state),
+    # ~1.3-1.5x step time (astra.trainer.use_gradient_checkpointing)
     gradient_checkpointing: bool | None = not_in_signature(None)
     dataloader_num_workers: int = not_in_signature(0)
     save_model: bool = not_in_signature(False)
@@ -294,8 +295,6 @@ class TrainerConfig:
     # resumes from the last verified one (astra/checkpoint.py). Exact resume: cannot change the result.
     save_every: int = not_in_signature(0)
     keep_checkpoints: bool = not_in_signature(False)  # False: removed once the run's result is written
-    # exact recomputation, ~1.3-1.5x step time; None: on for causal LMs (astra.trainer.use_gradient_checkpointing)
-    gradient_checkpointing: bool | None = not_in_signature(None)
     # effective-rank probes (astra/probes.py) at these optimisation steps (0 = at init; the final step is
     # added); empty = no probes. Probes only read the model: they cannot change the result.
     rank_probe_steps: list[int] = not_in_signature(default_factory=list)
