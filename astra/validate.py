@@ -144,10 +144,11 @@ def eval_readers(task: Any) -> list[Any]:
     """Callables reading each evaluation split the run will use (GLUE dev, NLG evaluation sets)."""
     if hasattr(task, "eval_examples"):
         return [lambda: task.eval_examples]
-    names = task.present_sets() if hasattr(task, "present_sets") else list(task.cfg.get("eval_sets") or [])
-    if hasattr(task, "test_file"):
-        return []  # commonsense sets are read by their own loader at evaluation (lm-eval YAMLs)
-    return [lambda n=n: task.eval_records(n) for n in names]
+    if hasattr(task, "present_sets"):  # commonsense: every test file present, read (file/line errors)
+        from astra.nlg import read_records
+
+        return [lambda n=n: read_records(task.test_file(n)) for n in task.present_sets]
+    return [lambda n=n: task.eval_records(n) for n in task.cfg.get("eval_sets") or []]
 
 
 # --- config group choices ------------------------------------------------------------------------------
