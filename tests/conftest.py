@@ -1,9 +1,9 @@
-"""Test set-up: offline Hub, tiny committed data for unit tests, real data for integration tests,
+"""Test set-up: offline Hub, tiny data (built from the data dir) for unit tests, real data for integration tests,
 and cache/results folders isolated per test.
 
-- Unit tests (everything not marked `integration`) read the tiny data under tests/assets/data (real rows,
-  the layout of ../shared/data) and use the random tiny models, whose tokenizers are committed under
-  tests/assets/tokenizers: they never need ../shared/data or an embedded model package.
+- Unit tests (everything not marked `integration`) read the tiny data under tests/assets/data (the first
+  rows of each benchmark file, built once from the data dir and never tracked) and use the random tiny
+  models, whose tokenizers are committed under tests/assets/tokenizers: no embedded model package needed.
 - Integration tests (`@pytest.mark.integration`) read the real benchmark data (`ASTRA_REAL_DATA_DIR`,
   default ../shared/data) and the embedded model packages. When one is missing they FAIL when `CI` is
   set (a CI run that silently skips them proves nothing) and skip with the reason otherwise.
@@ -19,6 +19,7 @@ import atexit
 import importlib.util
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -46,6 +47,30 @@ SESSION_CACHE_DIR = SESSION_DIR / "cache"
 os.environ["ASTRA_CACHE_DIR"] = str(SESSION_CACHE_DIR)
 os.environ["ASTRA_RESULTS_DIR"] = str(SESSION_DIR / "results")
 os.environ["ASTRA_OUTPUT_DIR"] = str(SESSION_DIR / "outputs")
+
+
+def build_tiny_data() -> None:
+    """The tiny data is derived from the benchmark files (the first rows of each, tests/assets/build_assets.py),
+    never tracked in the repository: built once into the ignored tests/assets/data, atomically."""
+    if TINY_DATA_DIR.is_dir():
+        return
+    if not REAL_DATA_DIR.is_dir():
+        raise FileNotFoundError(f"the tests' tiny data is built from the benchmark data expected at {REAL_DATA_DIR} "
+                                "(set ASTRA_REAL_DATA_DIR)")  # fmt: skip
+    import tempfile
+
+    sys.path.insert(0, str(ASSETS))
+    from build_assets import copy_data
+
+    tmp = Path(tempfile.mkdtemp(dir=ASSETS, prefix=".data-"))
+    copy_data(REAL_DATA_DIR, tmp)
+    try:
+        tmp.rename(TINY_DATA_DIR)
+    except OSError:  # another process built it first
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+build_tiny_data()
 os.environ["ASTRA_DATA_DIR"] = str(TINY_DATA_DIR)
 
 DATA_DIR = TINY_DATA_DIR  # what a test module sees; switched to REAL_DATA_DIR for integration tests
