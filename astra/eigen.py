@@ -56,7 +56,7 @@ class Eigens:
 
     `range_vectors` (d, k): when the statistic has a null space found structurally (the range solver),
     the eigenvectors of its k non-zero eigenvalues = the last k columns of `vectors`; the (d, d - k)
-    null-space block (complete QR of `range_vectors`) is then only formed when `vectors` is first read,
+    null-space block (complete-QR complement of `range_vectors`) is then only formed when `vectors` is first read,
     so a head selection, or a cache that stores the range only, never pays for it.
     """
 
@@ -75,9 +75,9 @@ class Eigens:
     @property
     def vectors(self) -> torch.Tensor:
         if self._vectors is None:
-            k = self.range_vectors.shape[1]
-            complete, _ = torch.linalg.qr(self.range_vectors, mode="complete")  # (d, d)
-            self._vectors = torch.cat([complete[:, k:], self.range_vectors], dim=1)
+            d, k = self.range_vectors.shape
+            null = null_space_columns(self.range_vectors, d - k)
+            self._vectors = torch.cat([null, self.range_vectors], dim=1)
         return self._vectors
 
 
@@ -205,9 +205,26 @@ def select_columns(eigens: Eigens, k: int, select: str, seed: int = 0) -> torch.
     """`candidate_columns` of an `Eigens`, without forming its null-space block when a head selection
     lies in the range (the last k columns of `vectors` are the last k of `range_vectors`)."""
     rv = eigens.range_vectors
-    if rv is not None and eigens._vectors is None and select == "head" and 1 <= k <= rv.shape[1]:
-        return rv[:, rv.shape[1] - k :]
+    if rv is None or eigens._vectors is not None:
+        return candidate_columns(eigens.vectors, k, select, seed)
+    d, rank = rv.shape
+    if select == "head" and 1 <= k <= rank:
+        return rv[:, rank - k :]
+    if select == "tail" and 1 <= k <= d - rank:
+        return null_space_columns(rv, k)
+    if select == "random" and 1 <= k <= d:  # needs no eigenvector
+        return random_orthonormal(d, k, seed, rv.dtype).to(rv.device)
     return candidate_columns(eigens.vectors, k, select, seed)
+
+
+def null_space_columns(range_vectors: torch.Tensor, k: int) -> torch.Tensor:
+    """The first k columns of the complete-QR complement of `range_vectors` (d, m): Householder
+    reflectors applied to k unit vectors (d k m work) instead of forming the (d, d) Q (d^2 m)."""
+    d, m = range_vectors.shape
+    reflectors, tau = torch.geqrf(range_vectors)
+    unit = torch.zeros(d, k, dtype=range_vectors.dtype, device=range_vectors.device)
+    unit[m + torch.arange(k), torch.arange(k)] = 1
+    return torch.ormqr(reflectors, tau, unit)
 
 
 def spectrum_summary(values: torch.Tensor) -> dict[str, Any]:

@@ -42,8 +42,11 @@ where the consumer even zeroes each block's weights). `forward` hooks all target
 model forwards. Targets outside the blocks (pooler, classifier) and models whose blocks cannot run
 in isolation (per-layer attention kinds, encoder-decoder) use `forward`, automatically and logged.
 
-Non-finite values raise `NonFiniteStatisticsError` naming the layer and the calibration batch; an
-accumulator is checked once per batch (d^2, not per token: NaN/inf propagate into the sums).
+Non-finite values raise `NonFiniteStatisticsError` naming the layer and the calibration batch. The
+checks cost O(d) per batch, not O(tokens x d): a target's weights are checked once when its hooks are
+installed, each batch's first-moment sums (a d-vector, into which any NaN/inf of the rows propagates)
+after every batch, the second-moment sums (overflow of finite values) and each finished output
+covariance once.
 """
 
 from __future__ import annotations
@@ -239,10 +242,12 @@ def as_3d(y: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, tor
     return (y.unsqueeze(1), None) if y.dim() == 2 else (y, mask)
 
 
-def check_finite(name: str, t: torch.Tensor, batch_index: int, what: str = "statistics") -> None:
+def check_finite(
+    name: str, t: torch.Tensor, batch_index: int, what: str = "statistics", note: str = ""
+) -> None:
     if not torch.isfinite(t).all():
         raise NonFiniteStatisticsError(
-            f"non-finite {what} (NaN or inf) in layer {name!r} at calibration batch {batch_index}"
+            f"non-finite {what} (NaN or inf) in layer {name!r}{note} at calibration batch {batch_index}"
         )
 
 
@@ -263,6 +268,7 @@ class CovarianceAccumulator:
         self.first: torch.Tensor | None = None  # (d,)
         self.tokens = 0
         self.samples = 0
+        self.batches = 0
 
     def add(self, y: torch.Tensor, mask: torch.Tensor | None, batch_index: int) -> None:
         """Accumulate activations `y` (batch, seq, d) or (batch, d); `mask` (batch, seq) of 0/1."""
@@ -281,13 +287,14 @@ class CovarianceAccumulator:
         self.first += rows.sum(0)
         self.tokens += rows.shape[0]
         self.samples += y.shape[0]
-        check_finite(self.name, self.second, batch_index)  # NaN/inf in y propagate into the sum
-        check_finite(self.name, self.first, batch_index)
+        self.batches = batch_index + 1
+        check_finite(self.name, self.first, batch_index)  # any NaN/inf in y propagates into its sum
 
     def covariance(self) -> torch.Tensor:
         """C (d, d) in the accumulation dtype (see the module docstring for the formula)."""
         if self.second is None or self.tokens == 0:
             raise RuntimeError(f"layer {self.name!r} saw no calibration token (was it run by the model?)")
+        check_finite(self.name, self.second, self.batches - 1)  # finite y whose squares overflowed
         return finish(self.second, self.first, self.tokens, self.samples, self.options)
 
 
@@ -307,13 +314,12 @@ class SharedInputAccumulator:
         self.first: dict[str, torch.Tensor] = dict.fromkeys(keys)  # (d_in+1,)
         self.tokens = 0
         self.samples = 0
+        self.batches = 0
 
     def add(
         self, x: torch.Tensor, ys: dict[str, torch.Tensor], mask: torch.Tensor | None, batch_index: int
     ) -> None:
         """x (batch, seq, d_in) the shared input; ys: name -> (batch, seq, d_out) outputs (for the weights)."""
-        for name, y in ys.items():  # d_out per token (1/d_in of the moment's cost): name the layer itself
-            check_finite(name, y, batch_index, "outputs")
         x, mask = as_3d(x, mask)
         dtype = accum_dtype(self.options, x.dtype)
         x = x.detach().to(dtype)
@@ -332,9 +338,11 @@ class SharedInputAccumulator:
             self.first["*"] += flat.sum(0)
         self.tokens += int(keep.sum())
         self.samples += x.shape[0]
-        for k in self.second:
-            check_finite(k if k != "*" else self.names[0], self.second[k], batch_index)
-            check_finite(k if k != "*" else self.names[0], self.first[k], batch_index)
+        self.batches = batch_index + 1
+        shared = f" (its input, shared with {', '.join(self.names[1:])})" if len(self.names) > 1 else ""
+        for k in self.first:  # NaN/inf in x (or in a layer's sample weight) propagates into these sums
+            name, note = (k, "") if k != "*" else (self.names[0], shared)
+            check_finite(name, self.first[k], batch_index, note=note)
 
     def _add_weighted(
         self, x_aug: torch.Tensor, ys: dict[str, torch.Tensor], keep: torch.Tensor, dtype
@@ -355,6 +363,7 @@ class SharedInputAccumulator:
         key = name if self.weighted else "*"
         if self.second[key] is None or self.tokens == 0:
             raise RuntimeError(f"layer {name!r} saw no calibration token (was it run by the model?)")
+        check_finite(name, self.second[key], self.batches - 1)  # finite x whose squares overflowed
         return finish(self.second[key], self.first[key], self.tokens, self.samples, self.options)
 
 
@@ -386,6 +395,9 @@ class Collector:
 
     def __enter__(self) -> Collector:
         for name, layer in self.targets.items():
+            params = [p for p in (layer.weight, layer.bias) if p is not None]
+            if not all(bool(torch.isfinite(p.detach()).all()) for p in params):  # once per engine pass
+                raise NonFiniteStatisticsError(f"non-finite weights (NaN or inf) in layer {name!r}")
             self.handles.append(layer.register_forward_hook(self._hook(name)))
         return self
 
