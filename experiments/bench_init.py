@@ -1,13 +1,15 @@
 """Astra's initialisation against a plain forward and the authors' reference procedure, on one set of
 calibration tokens.
 
-    python -m experiments.bench_init [--model smollm2-135m] [--n 64] [--seq-len 512] [--batch-size 8]
+    python -m experiments.bench_init [--model smollm2-135m] [--n 64] [--seq-len 512] [--batch-size 1]
                                      [--rank 16] [--grad] [--out FILE]
 
 Calibration tokens: CodeAlpaca examples (`ASTRA_DATA_DIR`/codealpaca) tokenised and packed into n
 rows of exactly seq_len tokens (no padding), the same rows for every procedure. Procedures:
 
-- `forward`: the plain calibration forward (the model, batches of --batch-size, no hooks);
+- `forward`: the plain calibration forward (the model, batches of --batch-size, no hooks); the default
+  batch 1 is the reference's, so all three see the same batches and the memory compares procedures,
+  not batch sizes (at batch 8 the plain forward's own activations are +839 MiB);
 - `reference`: the release's procedure re-implemented from its arithmetic (LyoAI/Astra astra.py, see
   tests/test_astra_release.py): forward hooks on all targets at once, batch 1, per call `Y / |max Y|`,
   NaN/inf check, `Y^T Y` in fp32; then a full fp32 `eigh` of every layer's d_out x d_out matrix;
@@ -328,7 +330,9 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--n", type=int, default=64, help="calibration samples")
     parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--batch-size", type=int, default=8, help="calibration batch of the forward and ours")
+    parser.add_argument(
+        "--batch-size", type=int, default=1, help="calibration batch of the forward and ours (the reference: 1)"
+    )
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--grad", action="store_true", help="also LoRA-GA gradient statistics' peak RSS")

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from astra.build import build_trainable
 from astra.data import build_task
 from astra.evaluate.generation import greedy_tokens, merged_adapters
 from astra.methods import get_method, registered_methods
@@ -46,10 +47,6 @@ def build_method(args: argparse.Namespace, method: str) -> tuple[Any, Any, Any]:
     model, tokenizer, model_id = load_model(cfg.model, cfg.task, cfg.paths.cache_dir, seed=cfg.seed)
     task = build_task(cfg.task, tokenizer, cfg.paths.data_dir, seed=cfg.seed)
     ctx = build_context(cfg, task, model_id)
-    try:
-        from astra.build import build_trainable
-    except ImportError:  # before the build refactor: the method's own build
-        return cfg, get_method(method).build(model, ctx)[0], task
     return cfg, build_trainable(model, get_method(method), ctx)[0], task
 
 
