@@ -149,12 +149,21 @@ def migrate_store(results_dir: str | Path) -> int:
 
 
 # --- run metadata -------------------------------------------------------------------------------------
-def git_state() -> tuple[str, bool]:
+def git_state(results_dir: str | Path | None = None) -> tuple[str, bool]:
+    """(HEAD, whether tracked files differ from it), the committed results store excepted: a sweep
+    rewriting its own tracked results must not mark the code that produced them as modified."""
+
     def git(*args: str) -> str:
         out = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
         return out.stdout.strip() if out.returncode == 0 else ""
 
-    return git("rev-parse", "HEAD"), bool(git("status", "--porcelain", "--untracked-files=no"))
+    store = Path(results_dir).resolve() if results_dir else None
+    exclude = (
+        [f":(exclude){store.relative_to(REPO_ROOT)}"] if store and store.is_relative_to(REPO_ROOT) else []
+    )
+    return git("rev-parse", "HEAD"), bool(
+        git("status", "--porcelain", "--untracked-files=no", "--", ".", *exclude)
+    )
 
 
 def package_versions() -> dict[str, str]:
@@ -398,7 +407,7 @@ def run_experiment(cfg: DictConfig) -> RunResult | None:
 def run_claimed(
     cfg: DictConfig, config: dict[str, Any], unsigned: list[str], sig: str, path: Path
 ) -> RunResult:
-    sha, dirty = git_state()
+    sha, dirty = git_state(cfg.paths.results_dir)
     result = RunResult(
         run_info=RunInfo(signature=sig, sweep=cfg.sweep.name, status="failed", config=config, unsigned=unsigned,
                          git_sha=sha, git_dirty=dirty, started_at=now()),

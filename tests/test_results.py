@@ -387,3 +387,24 @@ def test_schema_1_file_read_directly_asks_for_migration(tmp_path):
     write_atomic(path, data)
     with pytest.raises(StoreError, match="astra.sweeps migrate"):
         read_result(path)
+
+
+def test_git_dirty_ignores_the_committed_results_store(tmp_path, monkeypatch):
+    """A sweep rewriting its tracked results must not mark the code that produced them as modified."""
+    import astra.pipeline as pipeline
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    (tmp_path / "results" / "runs").mkdir(parents=True)
+    (tmp_path / "results" / "runs" / "abc.json").write_text("{}")
+    git("add", ".")
+    git("-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "init")
+    monkeypatch.setattr(pipeline, "REPO_ROOT", tmp_path)
+    (tmp_path / "results" / "runs" / "abc.json").write_text('{"status": "success"}')
+    assert pipeline.git_state(tmp_path / "results")[1] is False
+    assert pipeline.git_state(None)[1] is True  # without the store's path every change counts
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert pipeline.git_state(tmp_path / "results")[1] is True
