@@ -233,6 +233,8 @@ def keep_mask(name: str, y: torch.Tensor, mask: torch.Tensor | None, options: St
 
 def sample_max(y: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """max(Y) over each sample's kept rows: (batch,)."""
+    if bool(keep.all()):  # no padding: no masked copy of the activations
+        return y.amax(dim=(1, 2))
     lowest = torch.finfo(y.dtype).min
     return y.masked_fill(~keep[:, :, None], lowest).amax(dim=(1, 2))
 
