@@ -330,9 +330,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--n", type=int, default=64, help="calibration samples")
     parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument(
-        "--batch-size", type=int, default=1, help="calibration batch of the forward and ours (the reference: 1)"
-    )
+    parser.add_argument("--batch-size", type=int, default=1, help="calibration batch (the reference's: 1)")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--grad", action="store_true", help="also LoRA-GA gradient statistics' peak RSS")
