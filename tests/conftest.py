@@ -57,8 +57,6 @@ def build_tiny_data() -> None:
     if not REAL_DATA_DIR.is_dir():
         raise FileNotFoundError(f"the tests' tiny data is built from the benchmark data expected at {REAL_DATA_DIR} "
                                 "(set ASTRA_REAL_DATA_DIR)")  # fmt: skip
-    import tempfile
-
     sys.path.insert(0, str(ASSETS))
     from build_assets import copy_data
 
