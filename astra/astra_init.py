@@ -32,7 +32,7 @@ from astra.config import MethodConfig, not_in_signature
 from astra.eigen import EigDtype, Eigens, Select, boundary, candidate_columns, decompose, select_columns
 from astra.erank import release_effective_rank
 from astra.methods import InitMethod, LayerSpec, LoraInit, Reduced, register
-from astra.stats import AccumDtype, Accumulate, Engine, Normalizer, SampleNorm
+from astra.stats import AccumDtype, Accumulate, Engine, Normalizer, Offload, SampleNorm
 
 
 class RankAllocation(StrEnum):
@@ -58,6 +58,7 @@ class AstraMethodConfig(MethodConfig):
     max_rank: int | None = None
     select_seed: int = 0  # seed of select=random
     stats_engine: Engine = not_in_signature(Engine.sequential)  # exact either way (astra.stats)
+    stats_offload: Offload = not_in_signature(Offload.none)  # cached hidden states: none | cpu | disk (exact)
     accumulate: Accumulate = not_in_signature(Accumulate.auto)  # exact either way (astra.stats)
     cache: bool = not_in_signature(True)  # content-keyed cache of the eigendecompositions
 

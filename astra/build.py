@@ -248,7 +248,7 @@ def layer_inputs(
     options = method.stat_options(m)
     report.extra.update(calibration_summary(batches, options))
     report.extra["calib_batches_used"] = len(batches)
-    stream = collect(model, targets, method.needs, batches, options, getattr(m, "stats_engine", None))
+    stream = collect(model, targets, method.needs, batches, options, m)
     if method.reduce is None:
         yield from timed_stream(stream, report, "statistics")
         return
@@ -290,12 +290,13 @@ def collect(
     kind: str,
     batches: list,
     options: Any,
-    engine: str | None,
+    method_cfg: Any,
 ) -> Iterator[tuple[str, Any]]:
-    """`astra.stats.collect_statistics` (engine: the method's `stats_engine`, or the default)."""
+    """`astra.stats.collect_statistics` with the method's `stats_engine` / `stats_offload` (or the defaults)."""
     from astra.stats import collect_statistics
 
-    kwargs = {"engine": str(engine)} if engine else {}
+    fields = {"engine": "stats_engine", "offload": "stats_offload"}
+    kwargs = {k: str(getattr(method_cfg, f)) for k, f in fields.items() if getattr(method_cfg, f, None)}
     return collect_statistics(model, targets, kind, batches, options, **kwargs)
 
 

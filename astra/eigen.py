@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+import weakref
 from enum import StrEnum
 from typing import Any
 
@@ -126,16 +127,30 @@ def range_eigens(
     their directions join the null space); the first d_out - k values are exactly 0. F Q / S is made
     exactly orthonormal by one Cholesky-QR step (it is orthonormal to ~1e-6 already, so R ~ I).
     """
-    P, W = moment.double(), w_aug.double()
-    lam, Qp = torch.linalg.eigh((P + P.T) / 2)
-    F = W @ (Qp * lam.clamp(min=0).sqrt())  # (d_out, m), C = F F^T
+    F = w_aug.double() @ psd_factor(moment)  # (d_out, m), C = F F^T
     s2, Q = torch.linalg.eigh(F.T @ F)  # ascending
     keep = s2 > 1e-10 * float(s2.max())  # ascending: the kept ones are the last k
-    U = (F @ Q[:, keep]) / s2[keep].sqrt()  # (d_out, k)
+    U = F @ Q[:, keep]  # (d_out, k)
+    del F  # d_out x m fp64: free before the next one
+    U /= s2[keep].sqrt()
     R = torch.linalg.cholesky(U.T @ U, upper=True)
     U = torch.linalg.solve_triangular(R, U, upper=True, left=False)  # U R^-1: orthonormal columns
-    values = torch.cat([torch.zeros(W.shape[0] - U.shape[1], dtype=torch.float64, device=W.device), s2[keep]])
+    values = torch.cat([torch.zeros(U.shape[0] - U.shape[1], dtype=torch.float64, device=U.device), s2[keep]])
     return values.to(dtype), U.to(dtype)
+
+
+_last_factor: tuple[weakref.ref, torch.Tensor] | None = None  # (P, its factor) of the latest call
+
+
+def psd_factor(moment: torch.Tensor) -> torch.Tensor:
+    """L (fp64) with P = L L^T (eigh, negative round-off clipped). The layers of a group reading one input
+    (gate/up) receive the same P object and are decomposed one after the other: they share one eigh."""
+    global _last_factor
+    if _last_factor is None or _last_factor[0]() is not moment:
+        P = moment.double()
+        lam, Q = torch.linalg.eigh((P + P.T) / 2)
+        _last_factor = (weakref.ref(moment), Q * lam.clamp(min=0).sqrt())
+    return _last_factor[1]
 
 
 def resolution(values: torch.Tensor, accum: torch.dtype, tokens: int) -> float:

@@ -53,7 +53,9 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 import re
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from enum import StrEnum
@@ -64,6 +66,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from astra import distributed
+from astra.common import trim_heap
 from astra.models import eval_mode, model_device
 
 log = logging.getLogger("astra.stats")
@@ -100,6 +103,14 @@ class Accumulate(StrEnum):
 class Engine(StrEnum):
     sequential = "sequential"  # block by block on cached block inputs (one pass)
     forward = "forward"  # hooks on all targets during full model forwards
+
+
+class Offload(StrEnum):
+    """Where the sequential engine keeps the cached hidden states between blocks (exact either way)."""
+
+    none = "none"  # on the model's device
+    cpu = "cpu"  # host memory (a GPU model: frees N x L x d_model of accelerator memory)
+    disk = "disk"  # an unlinked temporary file (host RAM: only the batch being replayed)
 
 
 KINDS = {"output_cov": "output", "input_cov": "input"}
@@ -317,6 +328,7 @@ class SharedInputAccumulator:
         self.tokens = 0
         self.samples = 0
         self.batches = 0
+        self.finished: dict[str, torch.Tensor] = {}  # key -> P, one object for the layers sharing it
 
     def add(
         self, x: torch.Tensor, ys: dict[str, torch.Tensor], mask: torch.Tensor | None, batch_index: int
@@ -365,8 +377,12 @@ class SharedInputAccumulator:
         key = name if self.weighted else "*"
         if self.second[key] is None or self.tokens == 0:
             raise RuntimeError(f"layer {name!r} saw no calibration token (was it run by the model?)")
-        check_finite(name, self.second[key], self.batches - 1)  # finite x whose squares overflowed
-        return finish(self.second[key], self.first[key], self.tokens, self.samples, self.options)
+        if key not in self.finished:
+            check_finite(name, self.second[key], self.batches - 1)  # finite x whose squares overflowed
+            self.finished[key] = finish(
+                self.second[key], self.first[key], self.tokens, self.samples, self.options
+            )
+        return self.finished[key]
 
 
 def weight_aug(layer: nn.Linear, dtype: torch.dtype) -> torch.Tensor:
@@ -575,6 +591,8 @@ def capture_block_inputs(
 
     def pre_hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         kwargs = {k: (None if k in CACHE_KWARGS else v) for k, v in kwargs.items()}
+        if captured:  # position embeddings, masks: one object for every batch where they are equal
+            kwargs = {k: share_equal(v, captured[-1][1].get(k)) for k, v in kwargs.items()}
         captured.append((tuple(a.detach() if torch.is_tensor(a) else a for a in args), kwargs))
         raise _StopForward
 
@@ -590,6 +608,70 @@ def capture_block_inputs(
     finally:
         handle.remove()
     return captured
+
+
+def share_equal(value: Any, previous: Any) -> Any:
+    """`previous` where it equals `value` (tensors, or tuples of them), else `value`: the captured keyword
+    arguments of equal-length unpadded batches (LLaMA's cos/sin: 2 x L x d_head per batch) are held once."""
+    if isinstance(value, tuple) and isinstance(previous, tuple) and len(value) == len(previous):
+        shared = tuple(share_equal(v, p) for v, p in zip(value, previous, strict=True))
+        return previous if all(s is p for s, p in zip(shared, previous, strict=True)) else shared
+    if torch.is_tensor(value) and torch.is_tensor(previous) and value.shape == previous.shape \
+            and value.dtype == previous.dtype and torch.equal(value, previous):  # fmt: skip
+        return previous
+    return value
+
+
+class HiddenStates:
+    """The hidden states entering the current block, one tensor per calibration batch, kept where
+    `offload` says. `disk` writes each batch's bytes at a fixed offset of an unlinked temporary file
+    (nothing is left behind, even after a crash) and reads them back into a fresh tensor, so only the batch
+    being replayed is resident in the process; the file's pages are the kernel's (page cache, evictable).
+    """
+
+    def __init__(self, offload: str, device: torch.device):
+        if offload not in tuple(Offload):
+            raise ValueError(f"statistics offload={offload!r}; valid: {', '.join(Offload)}")
+        self.offload, self.device = Offload(offload), device
+        self.items: dict[int, Any] = {}  # batch -> tensor (none, cpu) | (offset, shape, dtype) (disk)
+        self.file = tempfile.TemporaryFile(prefix="astra-hidden-") if self.offload == Offload.disk else None
+        self.end = 0
+
+    def put(self, b: int, hidden: torch.Tensor) -> None:
+        if self.offload == Offload.none:
+            self.items[b] = hidden
+            return
+        hidden = hidden.detach().to("cpu")
+        if self.offload == Offload.cpu:
+            self.items[b] = hidden
+            return
+        raw = hidden.contiguous().reshape(-1).view(torch.uint8).numpy()
+        if b in self.items and self.items[b][0][1] == raw.nbytes:
+            offset = self.items[b][0][0]  # same size as before: overwrite in place
+        else:
+            offset, self.end = self.end, self.end + raw.nbytes
+        view, done = memoryview(raw), 0
+        while done < raw.nbytes:
+            done += os.pwrite(self.file.fileno(), view[done:], offset + done)
+        self.items[b] = ((offset, raw.nbytes), hidden.shape, hidden.dtype)
+
+    def get(self, b: int) -> torch.Tensor:
+        if self.offload != Offload.disk:
+            return self.items[b].to(self.device)
+        (offset, nbytes), shape, dtype = self.items[b]
+        buffer = torch.empty(nbytes, dtype=torch.uint8)
+        view, done = memoryview(buffer.numpy()), 0
+        while done < nbytes:
+            got = os.preadv(self.file.fileno(), [view[done:]], offset + done)
+            if got == 0:
+                raise OSError(f"hidden-state file ended at {offset + done} of {offset + nbytes} bytes")
+            done += got
+        return buffer.view(dtype).reshape(shape).to(self.device)
+
+    def close(self) -> None:
+        self.items.clear()
+        if self.file is not None:
+            self.file.close()
 
 
 def hidden_of(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
@@ -614,16 +696,18 @@ def collect_statistics(
     batches: list[dict[str, torch.Tensor]],
     options: StatOptions,
     engine: str = "sequential",
+    offload: str = "none",
 ) -> Iterator[tuple[str, LayerStats]]:
     """Yield `(name, LayerStats)` for every target, block by block in model order (see the module
     docstring). Statistics are of the unmodified base model; the consumer may write
-    function-preserving inits into blocks already yielded."""
+    function-preserving inits into blocks already yielded. `offload`: where the sequential engine keeps
+    the hidden states between blocks (`Offload`)."""
     kind, engine = StatKind(kind), Engine(engine)
     if kind == StatKind.none:
         return
     if distributed.shards(batches):  # torchrun: each rank calibrates on its share, the sums are all-reduced
         yield from distributed.sharded_stream(
-            collect_statistics, model, targets, kind, batches, options, engine
+            collect_statistics, model, targets, kind, batches, options, engine, offload
         )
         return
     if kind == StatKind.grad:
@@ -645,7 +729,7 @@ def collect_statistics(
     if plan.outside:
         log.info("statistics: %d targets outside the blocks (%s, ...) use a hooked full forward",
                  len(plan.outside), plan.outside[0])  # fmt: skip
-    yield from sequential_statistics(model, targets, kind, batches, options, plan)
+    yield from sequential_statistics(model, targets, kind, batches, options, plan, offload)
     if plan.outside:
         yield from forward_statistics(model, {n: targets[n] for n in plan.outside}, kind, batches, options)
 
@@ -689,12 +773,16 @@ def _stop_when_all_seen(collector: Collector, targets: dict[str, nn.Linear]) -> 
 
 def sequential_statistics(
     model: nn.Module, targets: dict[str, nn.Linear], kind: str, batches: list, options: StatOptions,
-    plan: BlockPlan,
+    plan: BlockPlan, offload: str = "none",
 ) -> Iterator[tuple[str, LayerStats]]:  # fmt: skip
     """Capture block 0's inputs once, then run block by block (see the module docstring)."""
     first = min(plan.members)
     with torch.no_grad(), eval_mode(model):
         inputs = capture_block_inputs(model, plan.blocks[first], batches)
+    hidden = HiddenStates(offload, model_device(model))
+    for b, (args, kwargs) in enumerate(inputs):  # the rest of each batch's arguments stays as captured
+        hidden.put(b, hidden_of(args, kwargs))
+        inputs[b] = with_hidden(args, kwargs, None)
     progress = tqdm(
         total=(max(plan.members) - first + 1) * len(batches), desc=f"calibration {kind}", leave=False
     )
@@ -705,16 +793,23 @@ def sequential_statistics(
             with torch.no_grad(), eval_mode(model), collector:
                 for b, (args, kwargs) in enumerate(inputs):
                     collector.start_batch(batches[b].get("attention_mask"), b)
-                    out = block(*args, **kwargs)
+                    x = hidden.get(b)
+                    block_args, block_kwargs = with_hidden(args, kwargs, x)
+                    out = block(*block_args, **block_kwargs)
                     out = out[0] if isinstance(out, tuple) else out
                     collector.flush()
-                    inputs[b] = with_hidden(args, kwargs, out.detach().to(hidden_of(args, kwargs).dtype))
+                    hidden.put(b, out.detach().to(x.dtype))
+                    del x, out
                     progress.update(1)
-            yield from collector.stats(names)
+            for item in collector.stats(names):
+                yield item
+                if hidden.offload == Offload.disk:  # least host memory: the consumer's freed temporaries
+                    trim_heap()
             del collector
     finally:
         progress.close()
         inputs.clear()
+        hidden.close()
 
 
 # --------------------------------------------------------------------------------------------

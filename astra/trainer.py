@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import math
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -14,6 +12,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from astra import distributed
 from astra.checkpoint import CheckpointSealer, ResumeHistory, checkpoint_arguments, last_checkpoint
+from astra.common import return_freed_memory
 from astra.data import Task
 from astra.models import eval_mode, model_device
 
@@ -53,30 +52,6 @@ class PeriodicEvalCallback(TrainerCallback):
             self.history.append(row)
             if self.sink:
                 self.sink({f"eval/{k}": v for k, v in row.items()})
-
-
-MMAP_THRESHOLD_BYTES = 1 << 20
-
-
-def return_freed_memory(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
-    """Make glibc serve allocations >= `threshold` bytes with mmap, so freed activations leave the process.
-
-    glibc raises its mmap threshold dynamically (up to 32 MiB) after freeing large blocks; the
-    activation tensors of a training step (1-50 MiB) then come from the heap, whose freed holes are
-    kept and fragment: measured on SmolLM2-135M with gradient checkpointing at 4 x 512 tokens, the
-    resident set after the forward was +1.59 GB with the default and +0.15 GB (the live tensors) with
-    a fixed 64 KiB threshold. Fixing the threshold (`mallopt`) disables the dynamic adjustment; the cost
-    is a page fault per fresh page of big tensors, small next to the matmuls that fill them.
-    Process-wide; returns False where there is no glibc (macOS, musl) and nothing changes.
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
-    return bool(libc.mallopt(m_mmap_threshold, threshold)) and bool(libc.mallopt(m_trim_threshold, threshold))
 
 
 def use_gradient_checkpointing(cfg: Any) -> bool:

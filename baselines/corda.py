@@ -26,7 +26,7 @@ from peft.tuners.lora.corda import CordaEigens, collect_eigens_for_layer
 
 from astra.config import MethodConfig, not_in_signature
 from astra.methods import InitMethod, LoraInit, register
-from astra.stats import AccumDtype, Accumulate, Engine, Normalizer, SampleNorm
+from astra.stats import AccumDtype, Accumulate, Engine, Normalizer, Offload, SampleNorm
 from baselines.common import one_linear, peft_layer_init
 
 
@@ -45,6 +45,7 @@ class CorDAMethodConfig(MethodConfig):
     normalizer: Normalizer = Normalizer.forwards  # divide by the number of calibration samples
     accum_dtype: AccumDtype = AccumDtype.fp32
     stats_engine: Engine = not_in_signature(Engine.sequential)  # exact either way (astra.stats)
+    stats_offload: Offload = not_in_signature(Offload.none)  # cached hidden states: none | cpu | disk (exact)
     accumulate: Accumulate = not_in_signature(Accumulate.auto)
 
 

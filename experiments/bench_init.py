@@ -15,7 +15,9 @@ rows of exactly seq_len tokens (no padding), the same rows for every procedure. 
   NaN/inf check, `Y^T Y` in fp32; then a full fp32 `eigh` of every layer's d_out x d_out matrix;
 - `astra`, `astra_code`: our init for the two presets: `astra.stats.collect_statistics` (sequential
   engine, shared input moments) -> `astra.eigen.decompose` (fp32) -> r columns (tail / head) ->
-  A = V^T W and W - s B A for every layer, one block at a time.
+  A = V^T W and W - s B A for every layer, one block at a time;
+- `astra+disk`, `astra_code+disk`: the same with `stats_offload=disk` (the hidden states between blocks
+  in an unlinked temporary file, the heap trimmed after every layer); their columns must be identical.
 
 Times are wall-clock in this process, as ratios to the plain forward measured in the same process.
 Peak extra RSS of each is measured in a fresh process (spawned) around the procedure only (model and
@@ -166,11 +168,13 @@ def reference(model: nn.Module, targets: dict[str, nn.Linear], rows: torch.Tenso
 
 
 @torch.no_grad()
-def astra_init(model: nn.Module, targets: dict, batches: list, preset: str, rank: int) -> dict:
+def astra_init(model: nn.Module, targets: dict, batches: list, procedure: str, rank: int) -> dict:
     """Our init: statistics block by block -> decompose -> r columns -> A = V^T W, W - s B A."""
+    preset, _, offload = procedure.partition("+")
     options, select = PRESETS[preset]
     columns, scaling = {}, 2.0
-    for name, stats in collect_statistics(model, targets, "output_cov", batches, options):
+    stream = collect_statistics(model, targets, "output_cov", batches, options, offload=offload or "none")
+    for name, stats in stream:
         eig = decompose(stats, "fp32")
         V = select_columns(eig, rank, select).contiguous()
         W = targets[name].weight
@@ -275,7 +279,7 @@ def agreement(
 
 def bench(args: argparse.Namespace) -> dict[str, Any]:
     model, targets, rows, batches = setup(args)
-    names = ["forward", "reference", "astra", "astra_code"]
+    names = ["forward", "reference", "astra", "astra_code", "astra+disk", "astra_code+disk"]
     seconds, results = {}, {}
     for name in names:  # same process: ratios to the plain forward
         start = time.perf_counter()
@@ -283,6 +287,10 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         seconds[name] = time.perf_counter() - start
         print(f"{name}: {seconds[name]:.2f} s", flush=True)
     memory = {name: fresh(memory_run, args, name) for name in names}
+    for preset in PRESETS:  # where the hidden states wait between blocks changes nothing
+        offloaded = results[f"{preset}+disk"]
+        if any(not torch.equal(offloaded[n], results[preset][n]) for n in targets):
+            raise AssertionError(f"{preset}+disk selected other columns than {preset}")
     quality = {
         p: agreement(model, targets, batches, results[p], p, args.rank, results["reference"]) for p in PRESETS
     }

@@ -26,13 +26,14 @@ from typing import Any
 import torch
 
 from astra.build import build_trainable
+from astra.common import return_freed_memory
 from astra.data import build_task
 from astra.evaluate.generation import greedy_tokens, merged_adapters
 from astra.methods import get_method, registered_methods
 from astra.models import load_model
 from astra.pipeline import build_context, compose_config
 from astra.prompts import metamath_eval_prompt
-from astra.trainer import causal_lm_loss, causal_lm_parts, return_freed_memory, use_gradient_checkpointing
+from astra.trainer import causal_lm_loss, causal_lm_parts, use_gradient_checkpointing
 from experiments.bench_init import PeakRSS
 
 

@@ -237,6 +237,28 @@ def test_cached_reduction_equals_a_fresh_one(compose, tmp_path) -> None:
         )
 
 
+@pytest.mark.parametrize("name", ["astra", "corda"])
+def test_stats_offload_reaches_the_engine_and_changes_nothing(compose, monkeypatch, name: str) -> None:
+    import astra.stats
+
+    batches, seen, factors = calib("CAUSAL_LM"), [], []
+    real = astra.stats.HiddenStates
+    monkeypatch.setattr(
+        astra.stats, "HiddenStates", lambda offload, device: seen.append(offload) or real(offload, device)
+    )
+    for overrides in ([], ["method.stats_offload=disk"]):
+        base, cfg = llama(
+            compose, name, "method.cache=false" if name == "astra" else "method.rank=4", *overrides
+        )
+        model, _ = build_trainable(copy.deepcopy(base), get_method(name), context(cfg, batches))
+        factors.append({n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n})
+    assert seen == ["none", "disk"]
+    for key in factors[0]:
+        assert torch.equal(factors[0][key], factors[1][key]), key
+    with pytest.raises(Exception, match="stats_offload"):
+        llama(compose, name, "method.stats_offload=ssd")
+
+
 def test_rank_allocation_reads_summaries_back_from_the_cache(compose, tmp_path, monkeypatch) -> None:
     """With a cache, the allocation sees lazily read summaries (not all held) and gives the same model."""
     import astra.build

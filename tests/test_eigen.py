@@ -150,3 +150,27 @@ def test_candidate_columns_and_random_basis():
     )
     with pytest.raises(ValueError, match="tail, head, middle, random"):
         candidate_columns(vectors, 2, "tial")
+
+
+def test_layers_reading_one_input_share_its_moment_and_factor(monkeypatch):
+    """gate/up receive one P object; its eigh runs once for both, and each layer's eigenpairs are
+    bit-identical to a decomposition from a private copy of P."""
+    model, batches = tiny_llama(), token_batches(causal=True)
+    mlp = model.model.layers[0].mlp
+    targets = {"gate": mlp.gate_proj, "up": mlp.up_proj}
+    stats = dict(collect_statistics(model, targets, "output_cov", batches, StatOptions()))
+    assert stats["gate"].input_moment is stats["up"].input_moment
+    calls = []
+    real_eigh = torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "eigh", lambda a: calls.append(a.shape) or real_eigh(a))
+    shared = {n: decompose(s) for n, s in stats.items()}
+    assert calls.count(stats["gate"].input_moment.shape) == 1 + 2  # P once; F^T F per layer (same size)
+    monkeypatch.undo()
+    for name, s in stats.items():
+        alone = LayerStats(
+            name, s.kind, None, s.tokens, s.samples, s.input_moment.clone(), s.weight_aug, s.route
+        )
+        private = decompose(alone)
+        assert torch.equal(private.values, shared[name].values) and torch.equal(
+            private.range_vectors, shared[name].range_vectors
+        ), name

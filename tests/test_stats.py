@@ -12,15 +12,18 @@ import torch
 from torch import nn
 
 from astra.stats import (
+    HiddenStates,
     LayerStats,
     NonFiniteStatisticsError,
     StatKind,
     StatOptions,
     block_key,
     block_plan,
+    capture_block_inputs,
     collect_group,
     collect_statistics,
     layer_groups,
+    share_equal,
     stat_options,
     stream_covariances,
 )
@@ -319,6 +322,65 @@ def test_padding_is_honoured_in_batches(arch):
     single = dict(collect_statistics(model, targets, "output_cov", singles, o))
     for name in targets:
         assert close(padded[name].matrix, single[name].matrix, 1e-10), name
+
+
+@pytest.mark.parametrize("arch", list(MODELS))
+@pytest.mark.parametrize("offload", ["cpu", "disk"])
+def test_offloaded_hidden_states_give_identical_statistics(arch, offload, monkeypatch):
+    """The hidden states kept in host memory or in a temporary file between blocks: bit-identical
+    statistics, hidden states read back only one batch at a time, and the file closed at the end."""
+    import astra.stats as stats_module
+
+    make, causal = MODELS[arch]
+    model, batches = make(), token_batches(causal=causal)
+    batches[-1] = {k: v[:1] if v.dim() else v for k, v in batches[-1].items()}  # a smaller last batch
+    targets = block_targets(model)
+    kept = dict(collect_statistics(model, targets, "output_cov", batches, StatOptions()))
+    stores = []
+    monkeypatch.setattr(
+        stats_module, "HiddenStates", lambda *a: stores.append(HiddenStates(*a)) or stores[-1]
+    )
+    moved = dict(collect_statistics(model, targets, "output_cov", batches, StatOptions(), offload=offload))
+    assert list(moved) == list(kept)
+    for name in targets:
+        assert torch.equal(moved[name].matrix, kept[name].matrix), name
+    (store,) = stores
+    assert store.offload == offload and not store.items
+    if offload == "disk":
+        assert store.file.closed and store.end == sum(b["input_ids"].numel() for b in batches) * 16 * 4
+
+
+def test_hidden_states_round_trip_every_dtype_through_disk():
+    store = HiddenStates("disk", torch.device("cpu"))
+    for b, dtype in enumerate([torch.float32, torch.bfloat16, torch.float16, torch.float64]):
+        t = torch.randn(2, 3, 5).to(dtype)
+        store.put(b, t)
+        store.put(b, t * 2)  # same size: rewritten in place
+        assert torch.equal(store.get(b), t * 2) and store.get(b).dtype == dtype
+    assert store.end == 30 * (4 + 2 + 2 + 8)
+    store.close()
+    with pytest.raises(ValueError, match="offload"):
+        HiddenStates("gpu", torch.device("cpu"))
+
+
+def test_captured_keyword_arguments_equal_across_batches_are_held_once():
+    """LLaMA's position embeddings (cos, sin) of equal-length batches: one object, not one per batch."""
+    model = tiny_llama()
+    batches = [{"input_ids": torch.randint(1, 50, (1, 6), generator=torch.Generator().manual_seed(i))}
+               for i in range(3)]  # fmt: skip
+    plan = block_plan(model, block_targets(model))
+    with torch.no_grad():
+        captured = capture_block_inputs(model, plan.blocks[0], batches)
+    cos_sin = [kwargs["position_embeddings"] for _, kwargs in captured]
+    assert cos_sin[0] is cos_sin[1] is cos_sin[2]
+    assert captured[0][0][0] is not captured[1][0][0]  # the hidden states are not shared
+    previous, value = (torch.ones(2), torch.ones(2)), (torch.ones(2), torch.zeros(2))
+    shared = share_equal(value, previous)
+    assert shared[0] is previous[0] and shared[1] is value[1]  # shared where equal, element by element
+    a = torch.ones(2)
+    assert (
+        share_equal(torch.ones(3), a) is not a and share_equal(torch.ones(2, dtype=torch.float64), a) is not a
+    )
 
 
 def test_consumer_writes_do_not_change_later_statistics():
