@@ -291,7 +291,7 @@ class CovarianceAccumulator:
         keep = keep_mask(self.name, y, mask, self.options)
         if self.options.sample_norm == "max_abs":
             y = y / sample_max(y, keep).abs()[:, None, None]
-        rows = y[keep]  # (tokens, d)
+        rows = y.reshape(-1, y.shape[-1]) if bool(keep.all()) else y[keep]  # (tokens, d); no copy unpadded
         if self.second is None:
             d = rows.shape[-1]
             self.second = torch.zeros(d, d, dtype=dtype, device=rows.device)
@@ -338,7 +338,9 @@ class SharedInputAccumulator:
         dtype = accum_dtype(self.options, x.dtype)
         x = x.detach().to(dtype)
         keep = keep_mask(self.names[0], x, mask, self.options)
-        x_aug = torch.cat([x, torch.ones_like(x[..., :1])], dim=-1) * keep[..., None]  # padded rows -> 0
+        x_aug = torch.cat([x, torch.ones_like(x[..., :1])], dim=-1)
+        if not bool(keep.all()):
+            x_aug *= keep[..., None]  # padded rows -> 0
         if self.second[next(iter(self.second))] is None:
             d = x_aug.shape[-1]
             for k in self.second:
