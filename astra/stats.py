@@ -32,8 +32,10 @@ always does (bit-faithful to the release's bf16 rounding); the choice is exact, 
 (hidden states and every keyword argument the block receives) are captured once by a forward
 pre-hook on the real model forward, which is then stopped; each block runs on the cached inputs
 (one calibration batch at a time) with hooks on its targets, its statistics are finished and
-yielded, and its outputs (taken during that same run) become the next block's inputs. Every
-calibration token passes every block once. **One pass suffices**: the outputs of block k are
+yielded, and its outputs (taken during that same run) become the next block's inputs. Between
+blocks the hidden states wait on the model's device, in host memory or in an unlinked temporary file
+(`Offload`; the bytes are the same). Every calibration token passes every block once. **One pass
+suffices**: the outputs of block k are
 computed before block k's statistics are yielded, i.e. before the consumer can touch block k, so
 they are the *base* model's outputs; a function-preserving init written by the consumer would only
 reproduce them up to rounding, so a second run after the init could only add rounding, never
@@ -635,7 +637,7 @@ class HiddenStates:
         if offload not in tuple(Offload):
             raise ValueError(f"statistics offload={offload!r}; valid: {', '.join(Offload)}")
         self.offload, self.device = Offload(offload), device
-        self.items: dict[int, Any] = {}  # batch -> tensor (none, cpu) | (offset, shape, dtype) (disk)
+        self.items: dict[int, Any] = {}  # batch -> tensor | disk: ((offset, nbytes), shape, dtype)
         self.file = tempfile.TemporaryFile(prefix="astra-hidden-") if self.offload == Offload.disk else None
         self.end = 0
 
