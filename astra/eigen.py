@@ -139,17 +139,23 @@ def range_eigens(
     return values.to(dtype), U.to(dtype)
 
 
-_last_factor: tuple[weakref.ref, torch.Tensor] | None = None  # (P, its factor) of the latest call
+_last_factor: tuple[weakref.ref, torch.Tensor] | None = None  # (P, its factor) while that P lives
+
+
+def _forget_factor(_: weakref.ref) -> None:
+    global _last_factor
+    _last_factor = None
 
 
 def psd_factor(moment: torch.Tensor) -> torch.Tensor:
     """L (fp64) with P = L L^T (eigh, negative round-off clipped). The layers of a group reading one input
-    (gate/up) receive the same P object and are decomposed one after the other: they share one eigh."""
+    (gate/up) receive the same P object and are decomposed one after the other: they share one eigh. The
+    factor is dropped with P (a replaced entry's reference dies first, so its callback never runs)."""
     global _last_factor
     if _last_factor is None or _last_factor[0]() is not moment:
         P = moment.double()
         lam, Q = torch.linalg.eigh((P + P.T) / 2)
-        _last_factor = (weakref.ref(moment), Q * lam.clamp(min=0).sqrt())
+        _last_factor = (weakref.ref(moment, _forget_factor), Q * lam.clamp(min=0).sqrt())
     return _last_factor[1]
 
 

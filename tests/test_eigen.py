@@ -174,3 +174,6 @@ def test_layers_reading_one_input_share_its_moment_and_factor(monkeypatch):
         assert torch.equal(private.values, shared[name].values) and torch.equal(
             private.range_vectors, shared[name].range_vectors
         ), name
+    assert eigen._last_factor is not None
+    del stats, s, alone, private  # the last P decomposed (a private copy) dies here
+    assert eigen._last_factor is None  # the factor does not outlive its moment
