@@ -232,21 +232,25 @@ def accum_dtype(options: StatOptions, model_dtype: torch.dtype) -> torch.dtype:
     return ACCUM_DTYPES[options.accum_dtype] or model_dtype
 
 
-def keep_mask(name: str, y: torch.Tensor, mask: torch.Tensor | None, options: StatOptions) -> torch.Tensor:
-    """(batch, seq) bool: rows that enter the sums (all, unless mask_padding and a mask is given)."""
+def keep_mask(
+    name: str, y: torch.Tensor, mask: torch.Tensor | None, options: StatOptions
+) -> torch.Tensor | None:
+    """(batch, seq) bool: rows that enter the sums; None when all do (no mask, mask_padding off, or no
+    padding in the batch), so unpadded batches are summed without masked copies."""
     if not options.mask_padding or mask is None:
-        return torch.ones(y.shape[:2], dtype=torch.bool, device=y.device)
+        return None
     if tuple(mask.shape) != tuple(y.shape[:2]):
         raise ValueError(
             f"layer {name}: activations {tuple(y.shape)} do not align with the attention mask "
             f"{tuple(mask.shape)}; set mask_padding=false for this layer's statistics"
         )
-    return mask.to(device=y.device, dtype=torch.bool)
+    keep = mask.to(device=y.device, dtype=torch.bool)
+    return None if bool(keep.all()) else keep
 
 
-def sample_max(y: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """max(Y) over each sample's kept rows: (batch,)."""
-    if bool(keep.all()):  # no padding: no masked copy of the activations
+def sample_max(y: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """max(Y) over each sample's kept rows (`keep` None: all rows): (batch,)."""
+    if keep is None:
         return y.amax(dim=(1, 2))
     lowest = torch.finfo(y.dtype).min
     return y.masked_fill(~keep[:, :, None], lowest).amax(dim=(1, 2))
@@ -293,7 +297,7 @@ class CovarianceAccumulator:
         keep = keep_mask(self.name, y, mask, self.options)
         if self.options.sample_norm == "max_abs":
             y = y / sample_max(y, keep).abs()[:, None, None]
-        rows = y.reshape(-1, y.shape[-1]) if bool(keep.all()) else y[keep]  # (tokens, d); no copy unpadded
+        rows = y.reshape(-1, y.shape[-1]) if keep is None else y[keep]  # (tokens, d)
         if self.second is None:
             d = rows.shape[-1]
             self.second = torch.zeros(d, d, dtype=dtype, device=rows.device)
@@ -341,7 +345,7 @@ class SharedInputAccumulator:
         x = x.detach().to(dtype)
         keep = keep_mask(self.names[0], x, mask, self.options)
         x_aug = torch.cat([x, torch.ones_like(x[..., :1])], dim=-1)
-        if not bool(keep.all()):
+        if keep is not None:
             x_aug *= keep[..., None]  # padded rows -> 0
         if self.second[next(iter(self.second))] is None:
             d = x_aug.shape[-1]
@@ -354,7 +358,7 @@ class SharedInputAccumulator:
             flat = x_aug.reshape(-1, x_aug.shape[-1])
             self.second["*"] += flat.T @ flat
             self.first["*"] += flat.sum(0)
-        self.tokens += int(keep.sum())
+        self.tokens += x.shape[0] * x.shape[1] if keep is None else int(keep.sum())
         self.samples += x.shape[0]
         self.batches = batch_index + 1
         shared = f" (its input, shared with {', '.join(self.names[1:])})" if len(self.names) > 1 else ""
@@ -363,7 +367,7 @@ class SharedInputAccumulator:
             check_finite(name, self.first[k], batch_index, note=note)
 
     def _add_weighted(
-        self, x_aug: torch.Tensor, ys: dict[str, torch.Tensor], keep: torch.Tensor, dtype
+        self, x_aug: torch.Tensor, ys: dict[str, torch.Tensor], keep: torch.Tensor | None, dtype
     ) -> None:
         scale = {}  # name -> (batch,) 1/|max(Y_s)| from the layer's own output
         for name in self.names:
@@ -637,7 +641,7 @@ class HiddenStates:
         if offload not in tuple(Offload):
             raise ValueError(f"statistics offload={offload!r}; valid: {', '.join(Offload)}")
         self.offload, self.device = Offload(offload), device
-        self.items: dict[int, Any] = {}  # batch -> tensor | disk: ((offset, nbytes), shape, dtype)
+        self.items: dict[int, Any] = {}  # batch -> tensor | disk: (offset, nbytes, shape, dtype)
         self.file = tempfile.TemporaryFile(prefix="astra-hidden-") if self.offload == Offload.disk else None
         self.end = 0
 
@@ -650,19 +654,19 @@ class HiddenStates:
             self.items[b] = hidden
             return
         raw = hidden.contiguous().reshape(-1).view(torch.uint8).numpy()
-        if b in self.items and self.items[b][0][1] == raw.nbytes:
-            offset = self.items[b][0][0]  # same size as before: overwrite in place
+        if b in self.items and self.items[b][1] == raw.nbytes:
+            offset = self.items[b][0]  # same size as before: overwrite in place
         else:
             offset, self.end = self.end, self.end + raw.nbytes
         view, done = memoryview(raw), 0
         while done < raw.nbytes:
             done += os.pwrite(self.file.fileno(), view[done:], offset + done)
-        self.items[b] = ((offset, raw.nbytes), hidden.shape, hidden.dtype)
+        self.items[b] = (offset, raw.nbytes, hidden.shape, hidden.dtype)
 
     def get(self, b: int) -> torch.Tensor:
         if self.offload != Offload.disk:
             return self.items[b].to(self.device)
-        (offset, nbytes), shape, dtype = self.items[b]
+        offset, nbytes, shape, dtype = self.items[b]
         buffer = torch.empty(nbytes, dtype=torch.uint8)
         view, done = memoryview(buffer.numpy()), 0
         while done < nbytes:
