@@ -387,9 +387,9 @@ class SharedInputAccumulator:
             raise RuntimeError(f"layer {name!r} saw no calibration token (was it run by the model?)")
         if key not in self.finished:
             check_finite(name, self.second[key], self.batches - 1)  # finite x whose squares overflowed
-            self.finished[key] = finish(
-                self.second[key], self.first[key], self.tokens, self.samples, self.options
-            )
+            P = finish(self.second[key], self.first[key], self.tokens, self.samples, self.options)
+            check_finite(name, P, self.batches - 1)  # the centring's first first^T can overflow
+            self.finished[key] = P
         return self.finished[key]
 
 
@@ -509,12 +509,11 @@ class Collector:
         if isinstance(acc, SharedInputAccumulator):
             P = acc.finished_moment(name)
             W = weight_aug(self.targets[name], P.dtype).to(P.device)
-            check_finite(name, P, acc.samples)
 
             def output_cov() -> torch.Tensor:
                 C = W @ P @ W.T
                 C = (C + C.T) / 2  # exactly symmetric, as the direct sum is
-                check_finite(name, C, acc.samples)
+                check_finite(name, C, acc.batches - 1)
                 return C
 
             return LayerStats(name, self.kind, output_cov, acc.tokens, acc.samples, P, W, "shared_input")
@@ -798,7 +797,7 @@ def sequential_statistics(
         for index in range(first, max(plan.members) + 1):
             block, names = plan.blocks[index], plan.members.get(index, [])
             collector = Collector({n: targets[n] for n in names}, kind, options)
-            with torch.no_grad(), eval_mode(model), collector:
+            with torch.no_grad(), eval_mode(block), collector:  # the block: no walk over the whole model
                 for b, (args, kwargs) in enumerate(inputs):
                     collector.start_batch(batches[b].get("attention_mask"), b)
                     x = hidden.get(b)

@@ -2,7 +2,7 @@
 calibration tokens.
 
     python -m experiments.bench_init [--model smollm2-135m] [--n 64] [--seq-len 512] [--batch-size 1]
-                                     [--rank 16] [--grad] [--out FILE]
+                                     [--rank 16] [--rounds 2] [--grad] [--out FILE]
 
 Calibration tokens: CodeAlpaca examples (`ASTRA_DATA_DIR`/codealpaca) tokenised and packed into n
 rows of exactly seq_len tokens (no padding), the same rows for every procedure. Procedures:
@@ -19,22 +19,28 @@ rows of exactly seq_len tokens (no padding), the same rows for every procedure. 
 - `astra+disk`, `astra_code+disk`: the same with `stats_offload=disk` (the hidden states between blocks
   in an unlinked temporary file, the heap trimmed after every layer); their columns must be identical.
 
-Times are wall-clock in this process, as ratios to the plain forward measured in the same process.
+Times are wall-clock in this process, every procedure once per round (the order reversed every other
+round); a ratio is taken between procedures of one round and its median over the rounds is shown, with
+the range (identical forwards here differ by up to 20 %).
 Peak extra RSS of each is measured in a fresh process (spawned) around the procedure only (model and
 tokens loaded before). Subspace agreement: for each preset, the largest principal angle of its r
 selected columns (head) to `eigh` of the fp64 directly accumulated statistic with the same options, or
-(tail) |tr(V^T C V) - sum of the r smallest eigenvalues| / lambda_max; for `astra_code` also the
-largest principal angle to the reference's own V[:, -r:]. `--grad`: peak RSS of the LoRA-GA gradient
-statistics (`collect_statistics(kind="grad")`) plus a rank-r and a rank-128 SVD per layer, fresh process.
+(tail) |tr(V^T C V) - sum of the r smallest eigenvalues| / lambda_max; for head also how many layers are
+within 1e-3 degrees and the smallest perturbation of the statistic that explains every layer's angle
+(Davis-Kahan: ||E|| / lambda_max >= sin(angle) x relative eigengap); for `astra_code` the largest
+principal angle to the reference's own V[:, -r:]. `--grad`: peak RSS of the LoRA-GA gradient statistics
+(`collect_statistics(kind="grad")`) plus a rank-r and a rank-128 SVD per layer, fresh process.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import multiprocessing
 import os
 import platform
+import statistics
 import threading
 import time
 from collections.abc import Callable
@@ -257,6 +263,7 @@ def agreement(
     options, select = PRESETS[preset]
     direct = StatOptions(**{**options.__dict__, "accum_dtype": "fp64", "accumulate": "direct"})
     worst: tuple[float, str, float] = (-1.0, "", 0.0)
+    within, perturbation = 0, 0.0  # head: layers within 1e-3 degrees; least ||E|| / lambda_max explaining all
     ref_worst = 0.0  # the release's own fp32 procedure against the same fp64 statistic (same options)
     for name, stats in collect_statistics(model, targets, "output_cov", batches, direct, "forward"):
         values, vectors = torch.linalg.eigh(stats.matrix)
@@ -264,6 +271,8 @@ def agreement(
         if select == "head":
             err = principal_angle_deg(V, vectors[:, -rank:])
             gap = float(values[-rank] - values[-rank - 1]) / lam_max
+            within += err < 1e-3
+            perturbation = max(perturbation, math.sin(math.radians(err)) * gap)  # Davis-Kahan: ||E|| >= this
             if reference is not None:
                 ref_worst = max(ref_worst, principal_angle_deg(reference[name], vectors[:, -rank:]))
         else:
@@ -272,20 +281,38 @@ def agreement(
         worst = max(worst, (err, name, gap))
     key = "head_angle_deg" if select == "head" else "tail_energy_rel"
     out = {key: worst[0], "worst_layer": worst[1], "its_relative_gap": worst[2]}
+    if select == "head":
+        out.update(layers_within_1e_3_deg=f"{within}/{len(targets)}", implied_error_rel=perturbation)
     if reference is not None and select == "head":
         out["reference_head_angle_deg"] = ref_worst
     return out
 
 
+def timed_rounds(
+    args: argparse.Namespace,
+    model: nn.Module,
+    targets: dict,
+    rows: torch.Tensor,
+    batches: list,
+    names: list[str],
+) -> tuple[dict[str, list[float]], dict[str, Any]]:
+    """Every procedure once per round, the order reversed every other round (this machine drifts by up to
+    20 % between identical runs, so a ratio is only taken between procedures of the same round)."""
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    results: dict[str, Any] = {}
+    for round_ in range(args.rounds):
+        for name in names if round_ % 2 == 0 else names[::-1]:
+            start = time.perf_counter()
+            results[name] = run_procedure(name, model, targets, rows, batches, args.rank)
+            seconds[name].append(time.perf_counter() - start)
+            print(f"round {round_ + 1}: {name}: {seconds[name][-1]:.2f} s", flush=True)
+    return seconds, results
+
+
 def bench(args: argparse.Namespace) -> dict[str, Any]:
     model, targets, rows, batches = setup(args)
     names = ["forward", "reference", "astra", "astra_code", "astra+disk", "astra_code+disk"]
-    seconds, results = {}, {}
-    for name in names:  # same process: ratios to the plain forward
-        start = time.perf_counter()
-        results[name] = run_procedure(name, model, targets, rows, batches, args.rank)
-        seconds[name] = time.perf_counter() - start
-        print(f"{name}: {seconds[name]:.2f} s", flush=True)
+    seconds, results = timed_rounds(args, model, targets, rows, batches, names)
     memory = {name: fresh(memory_run, args, name) for name in names}
     for preset in PRESETS:  # where the hidden states wait between blocks changes nothing
         offloaded = results[f"{preset}+disk"]
@@ -303,20 +330,28 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def ratio(numerators: list[float], denominators: list[float]) -> str:
+    """Median and range of the per-round ratios."""
+    r = [a / b for a, b in zip(numerators, denominators, strict=True)]
+    return f"{statistics.median(r):.2f}x" + (f" [{min(r):.2f}-{max(r):.2f}]" if len(r) > 1 else "")
+
+
 def markdown(res: dict[str, Any], args: argparse.Namespace) -> str:
     t, m = res["seconds"], res["memory"]
     lines = [
         f"Command: `python -m experiments.bench_init --model {args.model} --n {args.n} --seq-len {args.seq_len} "
-        f"--batch-size {args.batch_size} --rank {args.rank}{' --grad' if args.grad else ''}`; "
+        f"--batch-size {args.batch_size} --rank {args.rank} --rounds {args.rounds}{' --grad' if args.grad else ''}`; "
         f"{time.strftime('%Y-%m-%d')}, {platform.machine()}, {psutil.cpu_count()} cores, "
-        f"torch {torch.__version__}, {args.threads} threads, {res['layers']} target layers.",
+        f"torch {torch.__version__}, {args.threads} threads, {res['layers']} target layers. Ratios: median over "
+        f"the {args.rounds} round(s) of the ratio within a round [min-max].",
         "",
-        "| procedure | time | / plain forward | peak extra RSS (fresh process) | / reference |",
-        "|---|---|---|---|---|",
+        "| procedure | time (median) | / plain forward | reference / it | peak extra RSS (fresh process) | / reference |",
+        "|---|---|---|---|---|---|",
     ]
     for name in t:
         lines.append(
-            f"| {name} | {t[name]:.2f} s | {t[name] / t['forward']:.2f}x | {m[name][0]:.0f} MiB | "
+            f"| {name} | {statistics.median(t[name]):.2f} s | {ratio(t[name], t['forward'])} | "
+            f"{ratio(t['reference'], t[name])} | {m[name][0]:.0f} MiB | "
             f"{m[name][0] / max(m['reference'][0], 1e-9):.2f}x |"
         )
     lines += ["", "| preset | agreement |", "|---|---|"]
@@ -340,6 +375,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=1, help="calibration batch (the reference's: 1)")
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=2, help="timing rounds (interleaved, order reversed)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--grad", action="store_true", help="also LoRA-GA gradient statistics' peak RSS")
     parser.add_argument("--out", help="also write the Markdown table to this file")
