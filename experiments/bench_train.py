@@ -4,12 +4,17 @@
         [--batch 16] [--seq-len 512] [--steps 3] [--calib-n 64] [--decode-tokens 64]
         [--eval-limit 32] [--eval-max-new-tokens 256] [--skip train decode eval] [--out FILE]
 
-(1) Training step: for every registered method (built through the one build path, at equal rank),
-the time of a full optimiser step (fastest of --steps) (forward, backward, AdamW) on one fixed (batch, seq-len)
-batch through the trainer's loss, and the peak extra resident memory during the steps; ratios to
-plain LoRA. (2) Decoding: greedy tokens/s at batch 1 (`astra.evaluate.generation.generate`, the
-evaluation path) next to the linear-layer floor: the time of every nn.Linear of the model (LM head
-included) on one token, measured in the same process. (3) GSM8K evaluation throughput (samples/s)
+(1) Training step: every registered method is built (through the one build path, at equal rank) and
+warmed up, then each takes one full optimiser step (forward, backward, AdamW) per round on one fixed
+(batch, seq-len) batch through the trainer's loss, the order reversed every other round (--steps
+rounds); its ratio to plain LoRA's step of the same round, median and range over the rounds, and
+the peak extra resident memory during its steps (every method's model stays loaded). Since step times
+here vary by +-20 %, each method's step is also traced once (after warm-up): its FLOPs
+(`FlopCounterMode`) and how many of its aten calls (op, input shapes) differ from LoRA's, i.e. whether
+it does LoRA's work exactly. (2) Decoding:
+greedy tokens/s at batch 1 (`astra.evaluate.generation.generate`, the evaluation path) next to the
+linear-layer floor: the time of every nn.Linear of the model (LM head included) on one token,
+measured in the same process. (3) GSM8K evaluation throughput (samples/s)
 at the configured evaluation batch, through the task's own `evaluate`. Machines here are shared and
 noisy: compare the ratios, not the absolute times.
 """
@@ -18,12 +23,17 @@ from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.flop_counter import FlopCounterMode
 
 from astra.build import build_trainable
 from astra.common import return_freed_memory
@@ -76,36 +86,72 @@ def step_fn(model: torch.nn.Module, batch: dict[str, torch.Tensor], lr: float) -
     return step
 
 
+class OpTrace(TorchDispatchMode):
+    """The aten calls of a region as a multiset of (op, input shapes): what a step computes, without noise."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: Counter = Counter()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        leaves = tree_leaves((args, kwargs or {}))
+        self.calls[
+            (str(func.overloadpacket), tuple(tuple(t.shape) for t in leaves if torch.is_tensor(t)))
+        ] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def trace_step(step: Callable[[], float]) -> tuple[Counter, int]:
+    """(aten calls, FLOPs) of one optimiser step."""
+    with FlopCounterMode(display=False) as flops, OpTrace() as ops:
+        step()
+    return ops.calls, flops.get_total_flops()
+
+
 def bench_training(args: argparse.Namespace, methods: list[str]) -> list[dict[str, Any]]:
-    rows = []
+    """Build every method, then time one step of each per round (the order reversed every other round):
+    identical steps here differ by up to 20 % over minutes, so a ratio to LoRA is taken within a round."""
+    steps, rows = {}, {}
     for method in methods:
         try:
             cfg, model, _ = build_method(args, method)
         except Exception as err:  # a method that cannot build at this size is reported, not fatal
             print(f"  {method:<11} build failed: {type(err).__name__}: {err}", flush=True)
-            rows.append({"method": method, "error": f"{type(err).__name__}: {str(err)[:160]}"})
+            rows[method] = {"method": method, "error": f"{type(err).__name__}: {str(err)[:160]}"}
             continue
         if use_gradient_checkpointing(cfg):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
-        batch = fixed_batch(args.batch, args.seq_len, model.config.vocab_size)
-        step = step_fn(model, batch, cfg.trainer.lr)
+        steps[method] = step_fn(
+            model, fixed_batch(args.batch, args.seq_len, model.config.vocab_size), cfg.trainer.lr
+        )
         for _ in range(args.warmup):  # allocator and optimiser state warm-up
-            step()
-        times = []
-        with PeakRSS() as mem:
-            for _ in range(args.steps):
-                start = time.perf_counter()
-                step()
-                times.append(time.perf_counter() - start)
+            steps[method]()
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        # min: the step least disturbed by other processes
-        rows.append({"method": method, "step_s": min(times), "peak_extra_mib": mem.extra_mib,
-                     "peak_rss_gib": mem.peak_mib / 1024, "trainable": trainable})  # fmt: skip
-        print(f"  {method:<11} step {rows[-1]['step_s']:.3f}s  peak +{mem.extra_mib:.0f} MiB "
-              f"(RSS {mem.peak_mib / 1024:.2f} GiB)  trainable {trainable}", flush=True)  # fmt: skip
-        del model, step
-    return rows
+        calls, flops = trace_step(steps[method])
+        rows[method] = {"method": method, "times": [], "peak_extra_mib": 0.0, "trainable": trainable,
+                        "calls": calls, "flops": flops}  # fmt: skip
+        del model
+    order = list(steps)
+    for round_ in range(args.steps):
+        for method in order if round_ % 2 == 0 else order[::-1]:
+            with PeakRSS() as mem:  # the other methods' models are idle: the extra is this step's own
+                start = time.perf_counter()
+                steps[method]()
+                rows[method]["times"].append(time.perf_counter() - start)
+            rows[method]["peak_extra_mib"] = max(rows[method]["peak_extra_mib"], mem.extra_mib)
+        print(
+            f"  round {round_ + 1}: " + "  ".join(f"{m} {rows[m]['times'][-1]:.2f}s" for m in order),
+            flush=True,
+        )
+    base = rows.get("lora", {}).get("calls")
+    for (
+        row
+    ) in rows.values():  # aten calls (op, shapes) that this method's step makes and LoRA's does not, or v.v.
+        if "calls" in row:
+            calls = row.pop("calls")
+            row["ops_vs_lora"] = sum(((calls - base) + (base - calls)).values()) if base is not None else None
+    return [rows[m] for m in methods if m in rows]
 
 
 @torch.no_grad()
@@ -188,14 +234,19 @@ def report(args: argparse.Namespace, train: list[dict], decode: dict | None, eva
     lines = [f"# bench_train: {args.model}, rank {args.rank}, batch {args.batch} x {args.seq_len}, "
              f"{torch.get_num_threads()} threads, {platform.machine()}, torch {torch.__version__}", ""]  # fmt: skip
     if train:
-        base = next((r for r in train if r["method"] == "lora" and "step_s" in r), None) or {
-            "step_s": float("nan")
-        }
-        lines += ["| method | step (s) | vs lora | peak extra (MiB) | peak RSS (GiB) | trainable |",
-                  "|---|---|---|---|---|---|"]  # fmt: skip
-        lines += [f"| {r['method']} | {r['step_s']:.3f} | {r['step_s'] / base['step_s']:.3f}x | "
-                  f"{r['peak_extra_mib']:.0f} | {r['peak_rss_gib']:.2f} | {r['trainable']} |" if "step_s" in r
-                  else f"| {r['method']} | failed: {r['error']} | | | | |" for r in train]  # fmt: skip
+        lora = next((r for r in train if r["method"] == "lora" and "times" in r), None)
+        lines += ["| method | step (s, median) | vs lora (median per round [min-max]) | FLOPs vs lora | "
+                  "aten calls differing from lora's | peak extra (MiB) | trainable |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for r in train:
+            if "times" not in r:
+                lines.append(f"| {r['method']} | failed: {r['error']} | | | | | |")
+                continue
+            vs = [t / b for t, b in zip(r["times"], lora["times"], strict=True)] if lora else [float("nan")]
+            flops = r["flops"] / lora["flops"] if lora else float("nan")
+            lines.append(f"| {r['method']} | {statistics.median(r['times']):.3f} | {statistics.median(vs):.3f}x "
+                         f"[{min(vs):.3f}-{max(vs):.3f}] | {flops:.4f}x | {r['ops_vs_lora']} | "
+                         f"{r['peak_extra_mib']:.0f} | {r['trainable']} |")  # fmt: skip
         lines.append("")
     if decode:
         lines.append(f"Decoding (batch 1, greedy, {decode['new_tokens']} tokens, prefill excluded): lean loop "
@@ -219,7 +270,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument(
-        "--steps", type=int, default=3, help="timed optimiser steps per method (the fastest counts)"
+        "--steps", type=int, default=3, help="timed optimiser steps per method, one per round of all methods"
     )
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--calib-n", type=int, default=64)
