@@ -43,7 +43,7 @@ import platform
 import statistics
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -288,6 +288,13 @@ def agreement(
     return out
 
 
+def interleaved(names: list[str], rounds: int) -> Iterator[tuple[int, str]]:
+    """(round, name): every name once per round, the order reversed every other round."""
+    for round_ in range(rounds):
+        for name in names if round_ % 2 == 0 else names[::-1]:
+            yield round_, name
+
+
 def timed_rounds(
     args: argparse.Namespace,
     model: nn.Module,
@@ -296,16 +303,15 @@ def timed_rounds(
     batches: list,
     names: list[str],
 ) -> tuple[dict[str, list[float]], dict[str, Any]]:
-    """Every procedure once per round, the order reversed every other round (this machine drifts by up to
-    20 % between identical runs, so a ratio is only taken between procedures of the same round)."""
+    """Seconds of every procedure in `interleaved` rounds (this machine drifts by up to 20 % between
+    identical runs, so a ratio is only taken between procedures of the same round)."""
     seconds: dict[str, list[float]] = {name: [] for name in names}
     results: dict[str, Any] = {}
-    for round_ in range(args.rounds):
-        for name in names if round_ % 2 == 0 else names[::-1]:
-            start = time.perf_counter()
-            results[name] = run_procedure(name, model, targets, rows, batches, args.rank)
-            seconds[name].append(time.perf_counter() - start)
-            print(f"round {round_ + 1}: {name}: {seconds[name][-1]:.2f} s", flush=True)
+    for round_, name in interleaved(names, args.rounds):
+        start = time.perf_counter()
+        results[name] = run_procedure(name, model, targets, rows, batches, args.rank)
+        seconds[name].append(time.perf_counter() - start)
+        print(f"round {round_ + 1}: {name}: {seconds[name][-1]:.2f} s", flush=True)
     return seconds, results
 
 
@@ -330,10 +336,11 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def ratio(numerators: list[float], denominators: list[float]) -> str:
+def ratio(numerators: list[float], denominators: list[float], digits: int = 2) -> str:
     """Median and range of the per-round ratios."""
     r = [a / b for a, b in zip(numerators, denominators, strict=True)]
-    return f"{statistics.median(r):.2f}x" + (f" [{min(r):.2f}-{max(r):.2f}]" if len(r) > 1 else "")
+    spread = f" [{min(r):.{digits}f}-{max(r):.{digits}f}]" if len(r) > 1 else ""
+    return f"{statistics.median(r):.{digits}f}x{spread}"
 
 
 def markdown(res: dict[str, Any], args: argparse.Namespace) -> str:

@@ -11,12 +11,11 @@ rounds); its ratio to plain LoRA's step of the same round, median and range over
 the peak extra resident memory during its steps (every method's model stays loaded). Since step times
 here vary by +-20 %, each method's step is also traced once (after warm-up): its FLOPs
 (`FlopCounterMode`) and how many of its aten calls (op, input shapes) differ from LoRA's, i.e. whether
-it does LoRA's work exactly. (2) Decoding:
-greedy tokens/s at batch 1 (`astra.evaluate.generation.generate`, the evaluation path) next to the
-linear-layer floor: the time of every nn.Linear of the model (LM head included) on one token,
-measured in the same process. (3) GSM8K evaluation throughput (samples/s)
-at the configured evaluation batch, through the task's own `evaluate`. Machines here are shared and
-noisy: compare the ratios, not the absolute times.
+it does LoRA's work exactly. (2) Decoding: greedy tokens/s at batch 1
+(`astra.evaluate.generation.generate`, the evaluation path) next to the linear-layer floor: the time of
+every nn.Linear of the model (LM head included) on one token, measured in the same process. (3) GSM8K
+evaluation throughput (samples/s) at the configured evaluation batch, through the task's own
+`evaluate`. Machines here are shared and noisy: compare the ratios, not the absolute times.
 """
 
 from __future__ import annotations
@@ -44,7 +43,7 @@ from astra.models import load_model
 from astra.pipeline import build_context, compose_config
 from astra.prompts import metamath_eval_prompt
 from astra.trainer import causal_lm_loss, causal_lm_parts, use_gradient_checkpointing
-from experiments.bench_init import PeakRSS
+from experiments.bench_init import PeakRSS, interleaved, ratio
 
 
 def build_method(args: argparse.Namespace, method: str) -> tuple[Any, Any, Any]:
@@ -108,6 +107,11 @@ def trace_step(step: Callable[[], float]) -> tuple[Counter, int]:
     return ops.calls, flops.get_total_flops()
 
 
+def calls_differing(calls: Counter, other: Counter) -> int:
+    """Aten calls (op, shapes) made by one step and not the other, either way."""
+    return sum(((calls - other) + (other - calls)).values())
+
+
 def bench_training(args: argparse.Namespace, methods: list[str]) -> list[dict[str, Any]]:
     """Build every method, then time one step of each per round (the order reversed every other round):
     identical steps here differ by up to 20 % over minutes, so a ratio to LoRA is taken within a round."""
@@ -132,25 +136,18 @@ def bench_training(args: argparse.Namespace, methods: list[str]) -> list[dict[st
         rows[method] = {"method": method, "times": [], "peak_extra_mib": 0.0, "trainable": trainable,
                         "calls": calls, "flops": flops}  # fmt: skip
         del model
-    order = list(steps)
-    for round_ in range(args.steps):
-        for method in order if round_ % 2 == 0 else order[::-1]:
-            with PeakRSS() as mem:  # the other methods' models are idle: the extra is this step's own
-                start = time.perf_counter()
-                steps[method]()
-                rows[method]["times"].append(time.perf_counter() - start)
-            rows[method]["peak_extra_mib"] = max(rows[method]["peak_extra_mib"], mem.extra_mib)
-        print(
-            f"  round {round_ + 1}: " + "  ".join(f"{m} {rows[m]['times'][-1]:.2f}s" for m in order),
-            flush=True,
-        )
-    base = rows.get("lora", {}).get("calls")
-    for (
-        row
-    ) in rows.values():  # aten calls (op, shapes) that this method's step makes and LoRA's does not, or v.v.
+    for round_, method in interleaved(list(steps), args.steps):
+        with PeakRSS() as mem:  # the other methods' models are idle: the extra is this step's own
+            start = time.perf_counter()
+            steps[method]()
+            rows[method]["times"].append(time.perf_counter() - start)
+        rows[method]["peak_extra_mib"] = max(rows[method]["peak_extra_mib"], mem.extra_mib)
+        print(f"  round {round_ + 1}: {method} {rows[method]['times'][-1]:.2f}s", flush=True)
+    lora_calls = rows.get("lora", {}).get("calls")
+    for row in rows.values():
         if "calls" in row:
             calls = row.pop("calls")
-            row["ops_vs_lora"] = sum(((calls - base) + (base - calls)).values()) if base is not None else None
+            row["ops_vs_lora"] = calls_differing(calls, lora_calls) if lora_calls is not None else None
     return [rows[m] for m in methods if m in rows]
 
 
@@ -242,11 +239,10 @@ def report(args: argparse.Namespace, train: list[dict], decode: dict | None, eva
             if "times" not in r:
                 lines.append(f"| {r['method']} | failed: {r['error']} | | | | | |")
                 continue
-            vs = [t / b for t, b in zip(r["times"], lora["times"], strict=True)] if lora else [float("nan")]
-            flops = r["flops"] / lora["flops"] if lora else float("nan")
-            lines.append(f"| {r['method']} | {statistics.median(r['times']):.3f} | {statistics.median(vs):.3f}x "
-                         f"[{min(vs):.3f}-{max(vs):.3f}] | {flops:.4f}x | {r['ops_vs_lora']} | "
-                         f"{r['peak_extra_mib']:.0f} | {r['trainable']} |")  # fmt: skip
+            vs = ratio(r["times"], lora["times"], digits=3) if lora else "-"
+            flops = f"{r['flops'] / lora['flops']:.4f}x" if lora else "-"
+            lines.append(f"| {r['method']} | {statistics.median(r['times']):.3f} | {vs} | {flops} | "
+                         f"{r['ops_vs_lora']} | {r['peak_extra_mib']:.0f} | {r['trainable']} |")  # fmt: skip
         lines.append("")
     if decode:
         lines.append(f"Decoding (batch 1, greedy, {decode['new_tokens']} tokens, prefill excluded): lean loop "

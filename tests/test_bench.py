@@ -4,7 +4,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from experiments.bench_train import trace_step
+from experiments.bench_train import calls_differing, trace_step
 
 
 class Toy(nn.Module):
@@ -42,11 +42,12 @@ def adapter_step(use_dora: bool = False, init_b: bool = False):
 def test_trace_sees_the_same_work_for_another_init():
     calls, flops = trace_step(adapter_step())
     other_calls, other_flops = trace_step(adapter_step(init_b=True))
-    assert calls == other_calls and flops == other_flops > 0
+    assert calls_differing(calls, other_calls) == 0 and calls == other_calls
+    assert flops == other_flops > 0
 
 
 def test_trace_sees_dora_extra_work():
     calls, flops = trace_step(adapter_step())
     dora_calls, dora_flops = trace_step(adapter_step(use_dora=True))
-    assert sum(((dora_calls - calls) + (calls - dora_calls)).values()) > 0
+    assert calls_differing(dora_calls, calls) > 0
     assert dora_flops > flops
