@@ -90,6 +90,7 @@ def build_lora(model: nn.Module, method: InitMethod, ctx: BuildContext, report: 
         per_layer = ((n, summaries.pop(n)) for n in targets)
     with timed(report, "wrap"):
         peft_model = get_peft_model(model, config)
+        method.wrapped(peft_model, m)
     layers = wrapped_layers(peft_model, targets)
     for name, stats in per_layer:
         layer = layers[name]

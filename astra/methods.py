@@ -112,6 +112,9 @@ class InitMethod:
     def check(self, cfg: Any) -> None:
         """Raise ValueError for option combinations the schema cannot reject (called before any work)."""
 
+    def wrapped(self, peft_model: nn.Module, cfg: Any) -> None:
+        """Called once right after the PEFT wrap, before any init (DoRA: swaps in its faster forward)."""
+
     def stat_options(self, cfg: Any) -> Any:
         """The `astra.stats.StatOptions` of `needs`, read from the method config's statistic fields."""
         from astra.stats import stat_options

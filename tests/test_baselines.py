@@ -399,3 +399,36 @@ def test_end_to_end_tiny_llama_metamath(compose, method: str) -> None:
     assert result.run_info.status == "success"
     assert info.step0_loss == pytest.approx(info.base_loss, abs=1e-4)
     assert len(info.history) == 2
+
+
+@pytest.mark.parametrize(("model_name", "task_type"), MODELS)  # tiny-bert's linears have biases
+def test_dora_forward_equals_pefts_in_value_and_gradient(compose, model_name: str, task_type: str) -> None:
+    from peft.tuners.lora.variants import DoraLinearVariant
+
+    from baselines.lora import DoraForward
+
+    _, model, batches = built(compose, model_name, task_type, "dora")
+    model.double().train()
+    g = torch.Generator().manual_seed(3)
+    for name, p in model.named_parameters():
+        if any(k in name for k in ("lora_B", "lora_magnitude", "base_layer.bias")):  # away from the init
+            p.data += 0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype)
+    layers = [m for m in model.modules() if hasattr(m, "lora_variant") and m.lora_variant]
+    assert layers and all(type(m.lora_variant["default"]) is DoraForward for m in layers)
+
+    def loss_and_grads() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.zero_grad()
+        torch.manual_seed(0)  # the models' own dropout (train mode) draws the same masks
+        out = model(**{k: v for k, v in batches[0].items() if k != "labels"}).logits
+        loss = (out * torch.linspace(-1, 1, out.shape[-1], dtype=out.dtype)).sum()
+        loss.backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    ours = loss_and_grads()
+    for m in layers:
+        m.lora_variant["default"] = DoraLinearVariant()
+    peft = loss_and_grads()
+    torch.testing.assert_close(ours[0], peft[0], rtol=1e-10, atol=1e-10)
+    assert ours[1].keys() == peft[1].keys() and any("lora_magnitude" in n for n in ours[1])
+    for name in ours[1]:
+        torch.testing.assert_close(ours[1][name], peft[1][name], rtol=1e-9, atol=1e-10, msg=name)
