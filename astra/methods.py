@@ -15,6 +15,8 @@ where `stats` is the layer's `astra.stats.LayerStats` (or, for a method with `re
   (Astra: the eigendecomposition), cached by content; `reduce_options(cfg)` enters the cache key.
 - `allocates(cfg)` / `allocate(reduced, targets, cfg)`: per-layer ranks from every layer's summary,
   computed before the PEFT wrap (Astra's effective-rank allocation).
+- `wrapped(peft_model, cfg)`: runs once after the PEFT wrap, before any init (LoRA with `use_dora`:
+  gives PEFT's DoRA layers `baselines.lora.DoraForward`).
 - `build(model, ctx)`: a whole-model procedure, only for a method whose reference implementation must
   stay whole (EVA, documented in `baselines/eva.py`); `build_trainable` times it and nothing else.
 
