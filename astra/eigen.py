@@ -15,9 +15,9 @@ V^T W = 0, i.e. A = 0 and B spans directions the layer cannot produce. `decompos
 layer (`info["null_dim"]`, `info["tail_is_null_space"]`) and warns once with the numbers.
 
 `boundary(eigens, r, select)` reports the eigengap at a selection boundary and flags it when the
-accumulation precision cannot resolve it (gap below `info["resolution"]`, an estimate of the
-accumulated matrix's rounding error: eps(accumulation dtype) * sqrt(tokens) * lambda_max; by
-Davis-Kahan the selected subspace is then not determined by the data).
+accumulation or eigensolve precision cannot resolve it (gap below `info["resolution"]`, an estimate of
+the decomposed matrix's rounding error: max(eps(accumulation dtype) * sqrt(tokens), eps(eig dtype)) *
+lambda_max; by Davis-Kahan the selected subspace is then not determined by the data).
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ def decompose(stats: Any, eig_dtype: str = "fp32") -> Eigens:
         )
     tokens = getattr(stats, "tokens", 0)
     info.update(spectrum_summary(values))
-    info["resolution"] = resolution(values, accum, tokens)
+    info["resolution"] = resolution(values, accum, tokens, dtype)
     info["tail_is_null_space"] = info["null_dim"] > 0
     if info["null_dim"]:
         _warn_null_space(getattr(stats, "name", "?"), d, info["null_dim"])
@@ -159,10 +159,13 @@ def psd_factor(moment: torch.Tensor) -> torch.Tensor:
     return _last_factor[1]
 
 
-def resolution(values: torch.Tensor, accum: torch.dtype, tokens: int) -> float:
-    """Estimated rounding error (spectral norm) of the accumulated statistic (see the module doc)."""
+def resolution(values: torch.Tensor, accum: torch.dtype, tokens: int, solve: torch.dtype) -> float:
+    """Estimated rounding error (spectral norm) of the statistic as decomposed (see the module doc): the
+    accumulation's or, when larger, the eigensolve's backward error eps(solve dtype) * lambda_max (an fp64
+    statistic solved in fp32 loses gaps of ~1e-7 lambda_max: docs/performance.md)."""
     eps = torch.finfo(accum).eps if accum.is_floating_point else 0.0
-    return float(eps * max(tokens, 1) ** 0.5 * float(values.abs().max()))
+    worst = max(eps * max(tokens, 1) ** 0.5, torch.finfo(solve).eps)
+    return float(worst * float(values.abs().max()))
 
 
 def _warn_null_space(name: str, d: int, null_dim: int) -> None:

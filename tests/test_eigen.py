@@ -130,6 +130,13 @@ def test_boundary_gap_and_resolution_flag():
     assert boundary(e, 4, "tail")["gap"] is None
 
 
+def test_an_fp32_eigensolve_cannot_resolve_what_fp64_statistics_can():
+    C = torch.diag(torch.tensor([1.0, 2.0, 3.0, 3.0 + 3e-7], dtype=torch.float64))  # gap 1e-7 lambda_max
+    stats = LayerStats("x", "output_cov", C, 100, 10)
+    assert boundary(decompose(stats, "fp64"), 1, "head")["resolved"]
+    assert not boundary(decompose(stats, "fp32"), 1, "head")["resolved"]
+
+
 def test_principal_angle_of_known_rotation():
     theta = 1e-4  # degrees: tiny angles are accurate (computed through the sine)
     t = torch.deg2rad(torch.tensor(theta, dtype=torch.float64))
