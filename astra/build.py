@@ -312,7 +312,7 @@ def content_cache(
     if not (getattr(m, "cache", False) and ctx.cache_dir):
         return None, {}
     material = {
-        "kind": f"{type(method).__name__}.reduce/v3",
+        "kind": f"{type(method).__name__}.reduce/v4",  # v4: boundary resolution counts the eigensolve
         "model_id": ctx.model_id,
         "layers": {
             n: [lin.out_features, lin.in_features, weight_fingerprint(lin.weight)]
