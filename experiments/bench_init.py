@@ -2,7 +2,8 @@
 calibration tokens.
 
     python -m experiments.bench_init [--model smollm2-135m] [--n 64] [--seq-len 512] [--batch-size 1]
-                                     [--rank 16] [--rounds 2] [--grad] [--out FILE]
+                                     [--rank 16] [--rounds 2] [--procedures ...] [--skip memory agreement]
+                                     [--grad] [--out FILE]
 
 Calibration tokens: CodeAlpaca examples (`ASTRA_DATA_DIR`/codealpaca) tokenised and packed into n
 rows of exactly seq_len tokens (no padding), the same rows for every procedure. Procedures:
@@ -17,7 +18,10 @@ rows of exactly seq_len tokens (no padding), the same rows for every procedure. 
   engine, shared input moments) -> `astra.eigen.decompose` (fp32) -> r columns (tail / head) ->
   A = V^T W and W - s B A for every layer, one block at a time;
 - `astra+disk`, `astra_code+disk`: the same with `stats_offload=disk` (the hidden states between blocks
-  in an unlinked temporary file, the heap trimmed after every layer); their columns must be identical.
+  in an unlinked temporary file, the heap trimmed after every layer); their columns must be identical;
+- `astra_code+fp64eig`, `astra_code+fp64` (not run unless named in --procedures): the release preset with
+  `eig_dtype=fp64`, and with `accum_dtype=fp64 eig_dtype=fp64` (what its head angle needs, see
+  docs/performance.md).
 
 Times are wall-clock in this process, every procedure once per round (the order reversed every other
 round); a ratio is taken between procedures of one round and its median over the rounds is shown, with
@@ -45,6 +49,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +57,7 @@ import psutil
 import torch
 from torch import nn
 
+from astra.astra_init import astra_factors
 from astra.eigen import decompose, principal_angle_deg, select_columns
 from astra.stats import StatOptions, collect_statistics
 
@@ -59,6 +65,20 @@ PRESETS = {
     "astra": (StatOptions(), "tail"),  # the paper's text
     "astra_code": (StatOptions(centered=False, sample_norm="max_abs", normalizer="forwards"), "head"),
 }
+# procedure = preset[+variant]; a variant changes where the hidden states wait or the arithmetic:
+# (stats_offload, accum_dtype or None for the preset's, eig_dtype)
+VARIANTS = {"": ("none", None, "fp32"), "disk": ("disk", None, "fp32"),
+            "fp64eig": ("none", None, "fp64"), "fp64": ("none", "fp64", "fp64")}  # fmt: skip
+DEFAULT_PROCEDURES = ["forward", "reference", "astra", "astra_code", "astra+disk", "astra_code+disk"]
+PROCEDURES = DEFAULT_PROCEDURES + ["astra_code+fp64eig", "astra_code+fp64"]
+
+
+def procedure_settings(procedure: str) -> tuple[StatOptions, str, str, str]:
+    """(statistic options, select, stats_offload, eig_dtype) of an Astra procedure."""
+    preset, _, variant = procedure.partition("+")
+    options, select = PRESETS[preset]
+    offload, accum, eig_dtype = VARIANTS[variant]
+    return (replace(options, accum_dtype=accum) if accum else options), select, offload, eig_dtype
 
 
 class PeakRSS:
@@ -176,17 +196,13 @@ def reference(model: nn.Module, targets: dict[str, nn.Linear], rows: torch.Tenso
 @torch.no_grad()
 def astra_init(model: nn.Module, targets: dict, batches: list, procedure: str, rank: int) -> dict:
     """Our init: statistics block by block -> decompose -> r columns -> A = V^T W, W - s B A."""
-    preset, _, offload = procedure.partition("+")
-    options, select = PRESETS[preset]
+    options, select, offload, eig_dtype = procedure_settings(procedure)
     columns, scaling = {}, 2.0
-    stream = collect_statistics(model, targets, "output_cov", batches, options, offload=offload or "none")
+    stream = collect_statistics(model, targets, "output_cov", batches, options, offload=offload)
     for name, stats in stream:
-        eig = decompose(stats, "fp32")
-        V = select_columns(eig, rank, select).contiguous()
-        W = targets[name].weight
-        A = V.T @ W
-        _ = W - scaling * (V @ A)  # the residual the init writes
-        columns[name] = V
+        eig = decompose(stats, eig_dtype)
+        _, B, _ = astra_factors(targets[name].weight, select_columns(eig, rank, select), scaling)
+        columns[name] = B  # V in the weight's dtype, as the init writes it
         del stats, eig
     return columns
 
@@ -253,38 +269,50 @@ def agreement(
     model: nn.Module,
     targets: dict,
     batches: list,
-    columns: dict,
+    runs: dict[str, dict],
     preset: str,
     rank: int,
     reference: dict | None = None,
-) -> dict:
-    """Worst layer: head angle (deg) or tail energy error / lambda_max vs eigh of fp64 direct statistics,
-    with that layer's relative eigengap at the selection boundary (fp32 cannot resolve gaps ~1e-7)."""
+) -> dict[str, dict]:
+    """For each procedure of one preset (name -> its columns), the worst layer: head angle (deg) or tail
+    energy error / lambda_max vs eigh of the fp64 direct statistic (accumulated once for all of them), with
+    that layer's relative eigengap at the selection boundary (fp32 cannot resolve gaps ~1e-7)."""
     options, select = PRESETS[preset]
     direct = StatOptions(**{**options.__dict__, "accum_dtype": "fp64", "accumulate": "direct"})
-    worst: tuple[float, str, float] = (-1.0, "", 0.0)
-    within, perturbation = 0, 0.0  # head: layers within 1e-3 degrees; least ||E|| / lambda_max explaining all
+    worst = dict.fromkeys(runs, (-1.0, "", 0.0))
+    within = dict.fromkeys(runs, 0)  # head: layers within 1e-3 degrees
+    perturbation = dict.fromkeys(runs, 0.0)  # head: the least ||E|| / lambda_max explaining every angle
     ref_worst = 0.0  # the release's own fp32 procedure against the same fp64 statistic (same options)
     for name, stats in collect_statistics(model, targets, "output_cov", batches, direct, "forward"):
         values, vectors = torch.linalg.eigh(stats.matrix)
-        V, lam_max = columns[name].double(), float(values[-1])
+        lam_max = float(values[-1])
         if select == "head":
-            err = principal_angle_deg(V, vectors[:, -rank:])
             gap = float(values[-rank] - values[-rank - 1]) / lam_max
-            within += err < 1e-3
-            perturbation = max(perturbation, math.sin(math.radians(err)) * gap)  # Davis-Kahan: ||E|| >= this
             if reference is not None:
                 ref_worst = max(ref_worst, principal_angle_deg(reference[name], vectors[:, -rank:]))
         else:
-            err = abs(float(torch.trace(V.T @ stats.matrix @ V)) - float(values[:rank].sum())) / lam_max
             gap = float(values[rank] - values[rank - 1]) / lam_max
-        worst = max(worst, (err, name, gap))
+        for procedure, columns in runs.items():
+            V = columns[name].double()
+            if select == "head":
+                err = principal_angle_deg(V, vectors[:, -rank:])
+                within[procedure] += err < 1e-3
+                sin_gap = math.sin(math.radians(err)) * gap  # Davis-Kahan: ||E|| / lambda_max >= this
+                perturbation[procedure] = max(perturbation[procedure], sin_gap)
+            else:
+                err = abs(float(torch.trace(V.T @ stats.matrix @ V)) - float(values[:rank].sum())) / lam_max
+            worst[procedure] = max(worst[procedure], (err, name, gap))
     key = "head_angle_deg" if select == "head" else "tail_energy_rel"
-    out = {key: worst[0], "worst_layer": worst[1], "its_relative_gap": worst[2]}
-    if select == "head":
-        out.update(layers_within_1e_3_deg=f"{within}/{len(targets)}", implied_error_rel=perturbation)
-    if reference is not None and select == "head":
-        out["reference_head_angle_deg"] = ref_worst
+    out = {}
+    for procedure, (err, layer, gap) in worst.items():
+        out[procedure] = {key: err, "worst_layer": layer, "its_relative_gap": gap}
+        if select == "head":
+            out[procedure].update(
+                layers_within_1e_3_deg=f"{within[procedure]}/{len(targets)}",
+                implied_error_rel=perturbation[procedure],
+            )
+            if reference is not None:
+                out[procedure]["reference_head_angle_deg"] = ref_worst
     return out
 
 
@@ -317,19 +345,28 @@ def timed_rounds(
 
 def bench(args: argparse.Namespace) -> dict[str, Any]:
     model, targets, rows, batches = setup(args)
-    names = ["forward", "reference", "astra", "astra_code", "astra+disk", "astra_code+disk"]
+    names = ["forward", "reference"] + [p for p in args.procedures if p not in ("forward", "reference")]
     seconds, results = timed_rounds(args, model, targets, rows, batches, names)
-    memory = {name: fresh(memory_run, args, name) for name in names}
+    memory = {} if "memory" in args.skip else {name: fresh(memory_run, args, name) for name in names}
     for preset in PRESETS:  # where the hidden states wait between blocks changes nothing
-        offloaded = results[f"{preset}+disk"]
-        if any(not torch.equal(offloaded[n], results[preset][n]) for n in targets):
+        offloaded = results.get(f"{preset}+disk")
+        if (
+            offloaded
+            and preset in results
+            and any(not torch.equal(offloaded[n], results[preset][n]) for n in targets)
+        ):
             raise AssertionError(f"{preset}+disk selected other columns than {preset}")
-    quality = {
-        p: agreement(model, targets, batches, results[p], p, args.rank, results["reference"]) for p in PRESETS
-    }
-    vs_ref = {n: principal_angle_deg(results["astra_code"][n], results["reference"][n]) for n in targets}
-    worst = max(vs_ref, key=vs_ref.get)
-    quality["astra_code"].update(vs_reference_angle_deg=vs_ref[worst], vs_reference_worst_layer=worst)
+    quality = {}
+    for preset in PRESETS if "agreement" not in args.skip else ():
+        runs = {p: results[p] for p in names if p.partition("+")[0] == preset and not p.endswith("+disk")}
+        if runs:
+            quality |= agreement(model, targets, batches, runs, preset, args.rank, results["reference"])
+    if "astra_code" in results:
+        vs_ref = {n: principal_angle_deg(results["astra_code"][n], results["reference"][n]) for n in targets}
+        worst = max(vs_ref, key=vs_ref.get)
+        quality.setdefault("astra_code", {}).update(
+            vs_reference_angle_deg=vs_ref[worst], vs_reference_worst_layer=worst
+        )
     out = {"seconds": seconds, "memory": memory, "quality": quality, "layers": len(targets)}
     if args.grad:
         out["grad"] = fresh(grad_run, args)
@@ -343,25 +380,36 @@ def ratio(numerators: list[float], denominators: list[float], digits: int = 2) -
     return f"{statistics.median(r):.{digits}f}x{spread}"
 
 
+def command(args: argparse.Namespace) -> str:
+    """The command line that reproduces this run (options left at their defaults included, flags only when set)."""
+    parts = [f"python -m experiments.bench_init --model {args.model} --n {args.n} --seq-len {args.seq_len}",
+             f"--batch-size {args.batch_size} --rank {args.rank} --rounds {args.rounds}"]  # fmt: skip
+    if args.procedures != DEFAULT_PROCEDURES:
+        parts.append("--procedures " + " ".join(args.procedures))
+    if args.skip:
+        parts.append("--skip " + " ".join(args.skip))
+    if args.grad:
+        parts.append("--grad")
+    return " ".join(parts)
+
+
 def markdown(res: dict[str, Any], args: argparse.Namespace) -> str:
     t, m = res["seconds"], res["memory"]
     lines = [
-        f"Command: `python -m experiments.bench_init --model {args.model} --n {args.n} --seq-len {args.seq_len} "
-        f"--batch-size {args.batch_size} --rank {args.rank} --rounds {args.rounds}{' --grad' if args.grad else ''}`; "
-        f"{time.strftime('%Y-%m-%d')}, {platform.machine()}, {psutil.cpu_count()} cores, "
-        f"torch {torch.__version__}, {args.threads} threads, {res['layers']} target layers. Ratios: median over "
-        f"the {args.rounds} round(s) of the ratio within a round [min-max].",
+        f"Command: `{command(args)}`; {time.strftime('%Y-%m-%d')}, {platform.machine()}, {psutil.cpu_count()} "
+        f"cores, torch {torch.__version__}, {args.threads} threads, {res['layers']} target layers. Ratios: median "
+        f"over the {args.rounds} round(s) of the ratio within a round [min-max].",
         "",
         "| procedure | time (median) | / plain forward | reference / it | peak extra RSS (fresh process) | / reference |",
         "|---|---|---|---|---|---|",
     ]
     for name in t:
+        memory = f"{m[name][0]:.0f} MiB | {m[name][0] / max(m['reference'][0], 1e-9):.2f}x" if m else "- | -"
         lines.append(
             f"| {name} | {statistics.median(t[name]):.2f} s | {ratio(t[name], t['forward'])} | "
-            f"{ratio(t['reference'], t[name])} | {m[name][0]:.0f} MiB | "
-            f"{m[name][0] / max(m['reference'][0], 1e-9):.2f}x |"
+            f"{ratio(t['reference'], t[name])} | {memory} |"
         )
-    lines += ["", "| preset | agreement |", "|---|---|"]
+    lines += ["", "| procedure | agreement |", "|---|---|"]
     for preset, q in res["quality"].items():
         cells = [f"{k} = {v:.2e}" if isinstance(v, float) else f"{k} = {v}" for k, v in q.items()]
         lines.append(f"| {preset} | " + ", ".join(cells) + " |")
@@ -384,6 +432,11 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=2, help="timing rounds (interleaved, order reversed)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--procedures", nargs="+", choices=PROCEDURES, default=DEFAULT_PROCEDURES,
+                        help="what to time (forward and reference always run: every ratio is to them); "
+                        "+fp64eig / +fp64: eig_dtype=fp64 / accum_dtype=fp64 and eig_dtype=fp64")  # fmt: skip
+    parser.add_argument("--skip", nargs="+", default=[], choices=("memory", "agreement"),
+                        help="leave out the fresh-process memory runs / the fp64 subspace agreement")  # fmt: skip
     parser.add_argument("--grad", action="store_true", help="also LoRA-GA gradient statistics' peak RSS")
     parser.add_argument("--out", help="also write the Markdown table to this file")
     args = parser.parse_args()
