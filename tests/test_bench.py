@@ -51,3 +51,23 @@ def test_trace_sees_dora_extra_work():
     dora_calls, dora_flops = trace_step(adapter_step(use_dora=True))
     assert calls_differing(dora_calls, calls) > 0
     assert dora_flops > flops
+
+
+def test_bench_init_variants_change_only_what_they_name():
+    from experiments.bench_init import PRESETS, PROCEDURES, procedure_settings
+
+    plain = {p: procedure_settings(p) for p in PRESETS}
+    assert {p: s[2:] for p, s in plain.items()} == dict.fromkeys(PRESETS, ("none", "fp32"))
+    expected = {
+        "disk": ("fp32", "disk", "fp32"),
+        "fp64eig": ("fp32", "none", "fp64"),
+        "fp64": ("fp64", "none", "fp64"),
+    }
+    for procedure in PROCEDURES:
+        preset, _, variant = procedure.partition("+")
+        if preset not in PRESETS or not variant:
+            continue
+        options, select, offload, eig_dtype = procedure_settings(procedure)
+        assert (options.accum_dtype, offload, eig_dtype) == expected[variant], procedure
+        assert select == plain[preset][1]
+        assert {**options.__dict__, "accum_dtype": "fp32"} == plain[preset][0].__dict__, procedure
