@@ -18,7 +18,7 @@ rows of exactly seq_len tokens (no padding), the same rows for every procedure. 
   engine, shared input moments) -> `astra.eigen.decompose` (fp32) -> r columns (tail / head) ->
   A = V^T W and W - s B A for every layer, one block at a time;
 - `astra+disk`, `astra_code+disk`: the same with `stats_offload=disk` (the hidden states between blocks
-  in an unlinked temporary file, the heap trimmed after every layer); their columns must be identical;
+  in an unlinked temporary file); their columns must be identical;
 - `astra_code+fp64eig`, `astra_code+fp64` (not run unless named in --procedures): the release preset with
   `eig_dtype=fp64`, and with `accum_dtype=fp64 eig_dtype=fp64` (what its head angle needs, see
   docs/performance.md).
