@@ -27,9 +27,10 @@ Times are wall-clock in this process, every procedure once per round (the order 
 round); a ratio is taken between procedures of one round and its median over the rounds is shown, with
 the range (identical forwards here differ by up to 20 %).
 Peak extra RSS of each is measured in a fresh process (spawned) around the procedure only (model and
-tokens loaded before). Subspace agreement: for each preset, the largest principal angle of its r
-selected columns (head) to `eigh` of the fp64 directly accumulated statistic with the same options, or
-(tail) |tr(V^T C V) - sum of the r smallest eigenvalues| / lambda_max; for head also how many layers are
+tokens loaded before). Subspace agreement: for each procedure but `+disk` (identical columns), the
+largest principal angle of its r selected columns (head) to `eigh` of the fp64 directly accumulated
+statistic with the same options (one pass per preset), or (tail) |tr(V^T C V) - sum of the r smallest
+eigenvalues| / lambda_max; for head also how many layers are
 within 1e-3 degrees and the smallest perturbation of the statistic that explains every layer's angle
 (Davis-Kahan: ||E|| / lambda_max >= sin(angle) x relative eigengap); for `astra_code` the largest
 principal angle to the reference's own V[:, -r:]. `--grad`: peak RSS of the LoRA-GA gradient statistics
@@ -349,12 +350,8 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     seconds, results = timed_rounds(args, model, targets, rows, batches, names)
     memory = {} if "memory" in args.skip else {name: fresh(memory_run, args, name) for name in names}
     for preset in PRESETS:  # where the hidden states wait between blocks changes nothing
-        offloaded = results.get(f"{preset}+disk")
-        if (
-            offloaded
-            and preset in results
-            and any(not torch.equal(offloaded[n], results[preset][n]) for n in targets)
-        ):
+        plain, offloaded = results.get(preset), results.get(f"{preset}+disk")
+        if plain and offloaded and any(not torch.equal(offloaded[n], plain[n]) for n in targets):
             raise AssertionError(f"{preset}+disk selected other columns than {preset}")
     quality = {}
     for preset in PRESETS if "agreement" not in args.skip else ():
@@ -410,9 +407,9 @@ def markdown(res: dict[str, Any], args: argparse.Namespace) -> str:
             f"{ratio(t['reference'], t[name])} | {memory} |"
         )
     lines += ["", "| procedure | agreement |", "|---|---|"]
-    for preset, q in res["quality"].items():
+    for procedure, q in res["quality"].items():
         cells = [f"{k} = {v:.2e}" if isinstance(v, float) else f"{k} = {v}" for k, v in q.items()]
-        lines.append(f"| {preset} | " + ", ".join(cells) + " |")
+        lines.append(f"| {procedure} | " + ", ".join(cells) + " |")
     if "grad" in res:
         g = res["grad"]
         lines += ["", f"LoRA-GA gradient statistics (+ per-layer SVD at r={args.rank} and r=128): "
@@ -432,9 +429,10 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=2, help="timing rounds (interleaved, order reversed)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--procedures", nargs="+", choices=PROCEDURES, default=DEFAULT_PROCEDURES,
-                        help="what to time (forward and reference always run: every ratio is to them); "
-                        "+fp64eig / +fp64: eig_dtype=fp64 / accum_dtype=fp64 and eig_dtype=fp64")  # fmt: skip
+    parser.add_argument("--procedures", nargs="+", choices=PROCEDURES, default=DEFAULT_PROCEDURES, metavar="NAME",
+                        help=f"what to time, of: {', '.join(PROCEDURES)} (default: all but the last two; forward and "
+                        "reference always run: every ratio is to them); +fp64eig: eig_dtype=fp64, +fp64: "
+                        "accum_dtype=fp64 and eig_dtype=fp64")  # fmt: skip
     parser.add_argument("--skip", nargs="+", default=[], choices=("memory", "agreement"),
                         help="leave out the fresh-process memory runs / the fp64 subspace agreement")  # fmt: skip
     parser.add_argument("--grad", action="store_true", help="also LoRA-GA gradient statistics' peak RSS")
