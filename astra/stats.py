@@ -810,7 +810,7 @@ def sequential_statistics(
                     progress.update(1)
             for item in collector.stats(names):
                 yield item
-                trim_heap()  # the consumer's freed temporaries leave the process (-38 MiB at N = 64 x 512)
+                trim_heap()  # the consumer's freed temporaries leave the process (docs/performance.md)
             del collector
     finally:
         progress.close()

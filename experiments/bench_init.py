@@ -312,7 +312,7 @@ def agreement(
                 layers_within_1e_3_deg=f"{within[procedure]}/{len(targets)}",
                 implied_error_rel=perturbation[procedure],
             )
-            if reference is not None:
+            if reference is not None and procedure == preset:  # once, on the preset's own row
                 out[procedure]["reference_head_angle_deg"] = ref_worst
     return out
 
